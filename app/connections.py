@@ -1,0 +1,28 @@
+"""Redis connections, one pool per process, with the timeouts each side needs."""
+
+from __future__ import annotations
+
+import redis
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+#: The web process must answer a sender within seconds even when Redis hangs,
+#: so it gives up on Redis quickly and answers 503.
+WEB_SOCKET_TIMEOUT_SECONDS = 2.0
+
+#: Idle pooled connections are checked before use after this long, so one
+#: dropped by the server (or a proxy) is replaced instead of failing a request.
+HEALTH_CHECK_INTERVAL_SECONDS = 30
+
+#: Upper bound of connections per process; web threads share them.
+MAX_CONNECTIONS = 32
+
+
+def connect(url: str | None, socket_timeout: float | None = None) -> redis.Redis:
+    return redis.Redis.from_url(
+        url or DEFAULT_REDIS_URL,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=WEB_SOCKET_TIMEOUT_SECONDS,
+        health_check_interval=HEALTH_CHECK_INTERVAL_SECONDS,
+        max_connections=MAX_CONNECTIONS,
+    )

@@ -1,0 +1,83 @@
+"""Storing a delivery in Redis: deduplicated and queued in one transaction.
+
+The dedupe key and the queued job are written by one MULTI/EXEC, so Redis
+holds both or neither. A crash or a lost connection between the two can
+therefore never leave a dedupe key without its event, which would make the
+sender's retry look like a duplicate and lose the event. WATCH on the dedupe
+key turns a concurrent copy of the same delivery into a duplicate answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+
+import redis
+from rq import Queue
+from rq.job import Job
+
+from app.deliveries import Delivery
+
+DEDUPE_PREFIX = "relay:dedupe:"
+DELIVER_FUNCTION = "worker.jobs.deliver"
+
+#: A delivery's job may run this long before RQ stops it; above the
+#: Copernica timeouts, below Heroku's 30 s grace.
+JOB_TIMEOUT_SECONDS = 28
+
+
+@dataclass(frozen=True)
+class Stored:
+    job_id: str
+    duplicate: bool
+
+
+def dedupe_key(source: str, delivery_id: str) -> str:
+    digest = hashlib.sha256(delivery_id.encode()).hexdigest()
+    return f"{DEDUPE_PREFIX}{source}:{digest}"
+
+
+def store(
+    queue: Queue,
+    delivery: Delivery,
+    dedupe_ttl: int,
+    result_ttl: int,
+    failure_ttl: int,
+) -> Stored:
+    """Queue ``delivery`` unless the same delivery was accepted before.
+
+    Raises redis.RedisError when Redis cannot take it; then nothing is stored.
+    """
+    key = dedupe_key(delivery.source, delivery.delivery_id)
+    job = Job.create(
+        DELIVER_FUNCTION,
+        args=[delivery.to_dict()],
+        connection=queue.connection,
+        serializer=queue.serializer,
+        id=uuid.uuid4().hex,
+        timeout=JOB_TIMEOUT_SECONDS,
+        result_ttl=result_ttl,
+        failure_ttl=failure_ttl,
+        # RQ logs the description; the default one would hold the whole body.
+        description=delivery.label,
+    )
+
+    with queue.connection.pipeline() as pipe:
+        for _ in range(3):
+            try:
+                pipe.watch(key)
+                existing = pipe.get(key)
+                if existing is not None:
+                    return Stored(job_id=existing.decode(), duplicate=True)
+
+                pipe.multi()
+                pipe.set(key, job.id, ex=dedupe_ttl)
+                queue.enqueue_job(job, pipeline=pipe)
+                pipe.execute()
+                return Stored(job_id=job.id, duplicate=False)
+            except redis.WatchError:
+                # Someone stored the same delivery meanwhile; look again.
+                pipe.reset()
+                continue
+    raise redis.RedisError(f"dedupe key {key} kept changing; not stored")

@@ -1,0 +1,108 @@
+"""Structured logs shared by web, worker and CLI, and masking of personal data.
+
+Each event is one line: JSON for log collectors, or ``key=value`` text when a
+person watches a terminal. Callers pass facts as ``extra={"fields": {...}}``;
+the delivery id is always among them. Personal data is masked before it is
+logged; secrets and tokens are never handed to a logger at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+EMAIL = re.compile(r"^([^@\s]{1,64})@([^@\s]+)$")
+PHONE = re.compile(r"^\+?[\d\s().-]{7,}$")
+
+#: Copernica field names that hold a person's name, address or birthday.
+PERSONAL_FIELD_HINTS = (
+    "name",
+    "phone",
+    "mobile",
+    "address",
+    "street",
+    "zip",
+    "postal",
+    "birth",
+)
+
+
+class LineFormatter(logging.Formatter):
+    def __init__(self, as_json: bool):
+        super().__init__()
+        self.as_json = as_json
+
+    def format(self, record: logging.LogRecord) -> str:
+        event: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        event.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            event["error"] = self.formatException(record.exc_info)
+
+        if self.as_json:
+            return json.dumps(event, ensure_ascii=False, default=str)
+        head = f"{event.pop('time')} {event.pop('level'):7} {event.pop('event')}"
+        event.pop("logger")
+        tail = " ".join(f"{key}={_plain(value)}" for key, value in event.items())
+        return f"{head} {tail}".rstrip()
+
+
+def _plain(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return text if text and " " not in text else json.dumps(text, ensure_ascii=False)
+
+
+def configure_logging(stream=None) -> None:
+    """Send the relay's and RQ's records through one formatter, once."""
+    stream = stream or sys.stderr
+    fmt = os.environ.get("LOG_FORMAT", "").lower()
+    as_json = fmt == "json" or (fmt != "text" and not stream.isatty())
+    level = os.environ.get("LOG_LEVEL", "INFO").upper()
+
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(LineFormatter(as_json))
+    for name in ("relay", "rq"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(level if level in logging._nameToLevel else "INFO")
+        logger.propagate = False
+
+
+def mask(value: Any) -> Any:
+    """A value as it may appear in a log: emails and phone numbers masked."""
+    if not isinstance(value, str):
+        return value
+    email = EMAIL.match(value)
+    if email:
+        return f"{email.group(1)[0]}***@{email.group(2)}"
+    if PHONE.match(value):
+        return f"***{value[-2:]}"
+    return value
+
+
+def mask_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Profile fields for a log line; names, addresses and the like masked."""
+    masked = {}
+    for name, value in fields.items():
+        lowered = name.lower()
+        if isinstance(value, str) and any(h in lowered for h in PERSONAL_FIELD_HINTS):
+            masked[name] = f"{value[:1]}***" if value else value
+        else:
+            masked[name] = mask(value)
+    return masked
+
+
+def mask_selector(selector) -> list[str]:
+    return [f"{name}=={mask(value)}" for name, value in selector]

@@ -1,0 +1,197 @@
+"""The relay's configuration, read once from the environment and checked whole.
+
+Web, worker and CLI all build their settings here, so a value means the same
+thing in every process. Every problem found is collected and reported in one
+message, so an operator fixes a deployment in one pass instead of one variable
+per restart.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from worker.retry import DEFAULT_RETRY_SCHEDULE_SECONDS
+
+SOURCES = ("shopify", "typeform")
+
+DEFAULT_MAX_BODY_BYTES = 5 * 1024 * 1024
+DEFAULT_DEDUPE_TTL_SECONDS = 72 * 3600
+DEFAULT_COPERNICA_BASE_URL = "https://api.copernica.com"
+DEFAULT_QUEUE_NAME = "deliveries"
+
+#: How long a finished delivery's job and result stay readable in Redis.
+DEFAULT_RESULT_TTL_SECONDS = 3600
+
+#: How long a failed delivery stays in the failed list for replay (RQ's own
+#: default is a year, which lets Redis memory grow without bound).
+DEFAULT_FAILED_TTL_SECONDS = 30 * 24 * 3600
+
+#: Connect and read timeouts toward Copernica, in seconds. Both stay well under
+#: Heroku's 30 s shutdown grace so a worker can always finish the call in hand.
+DEFAULT_CONNECT_TIMEOUT_SECONDS = 5.0
+DEFAULT_READ_TIMEOUT_SECONDS = 20.0
+
+
+BUNDLED_MAPPINGS = Path(__file__).resolve().parent.parent / "worker" / "mappings.yaml"
+
+
+class ConfigurationError(Exception):
+    """The environment cannot run the relay; the message lists every problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {problem}" for problem in problems)
+        super().__init__(f"invalid configuration:\n{lines}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str | None = field(default=None, repr=False)
+    queue_name: str = DEFAULT_QUEUE_NAME
+    secrets: Mapping[str, tuple[bytes, ...]] = field(default_factory=dict, repr=False)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    dedupe_ttl_seconds: int = DEFAULT_DEDUPE_TTL_SECONDS
+    result_ttl_seconds: int = DEFAULT_RESULT_TTL_SECONDS
+    failed_ttl_seconds: int = DEFAULT_FAILED_TTL_SECONDS
+    mappings_path: Path = BUNDLED_MAPPINGS
+    copernica_base_url: str = DEFAULT_COPERNICA_BASE_URL
+    copernica_api_version: int = 1
+    copernica_access_token: str | None = field(default=None, repr=False)
+    copernica_database: str | None = None
+    connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS
+    read_timeout_seconds: float = DEFAULT_READ_TIMEOUT_SECONDS
+    retry_schedule_seconds: tuple[int, ...] = DEFAULT_RETRY_SCHEDULE_SECONDS
+
+    @property
+    def dry_run(self) -> bool:
+        """Without an access token nothing is sent: the worker logs the request."""
+        return not self.copernica_access_token
+
+    def secrets_for(self, source: str) -> tuple[bytes, ...]:
+        return self.secrets.get(source, ())
+
+    def describe(self) -> dict[str, object]:
+        """The settings in effect, fit to log: secrets become a count."""
+        return {
+            "redis": "embedded or unset"
+            if not self.redis_url
+            else _mask_url(self.redis_url),
+            "queue": self.queue_name,
+            "secrets": {s: len(self.secrets_for(s)) for s in SOURCES},
+            "max_body_bytes": self.max_body_bytes,
+            "dedupe_ttl_seconds": self.dedupe_ttl_seconds,
+            "result_ttl_seconds": self.result_ttl_seconds,
+            "failed_ttl_seconds": self.failed_ttl_seconds,
+            "mappings": str(self.mappings_path),
+            "copernica_base_url": self.copernica_base_url,
+            "copernica_api_version": self.copernica_api_version,
+            "copernica_database": self.copernica_database,
+            "dry_run": self.dry_run,
+            "retry_schedule_seconds": list(self.retry_schedule_seconds),
+        }
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build settings from environment variables, or raise ConfigurationError."""
+    env = os.environ if environ is None else environ
+    problems: list[str] = []
+
+    def number(name: str, default, kind=int, minimum=1):
+        raw = env.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            value = kind(raw)
+        except ValueError:
+            problems.append(f"{name} must be a number, got {raw!r}")
+            return default
+        if value < minimum:
+            problems.append(f"{name} must be at least {minimum}, got {raw!r}")
+            return default
+        return value
+
+    secrets = {
+        source: _split_secrets(env.get(f"{source.upper()}_WEBHOOK_SECRET", ""))
+        for source in SOURCES
+    }
+
+    api_version = number("COPERNICA_API_VERSION", 1)
+    if api_version not in SUPPORTED_API_VERSIONS:
+        problems.append(
+            "COPERNICA_API_VERSION must be one of "
+            f"{', '.join(map(str, SUPPORTED_API_VERSIONS))}, got {api_version}"
+        )
+
+    base_url = env.get("COPERNICA_BASE_URL", "").strip() or DEFAULT_COPERNICA_BASE_URL
+    if not base_url.startswith(("https://", "http://")):
+        problems.append(f"COPERNICA_BASE_URL must be an http(s) URL, got {base_url!r}")
+
+    mappings_path = Path(env.get("RELAY_MAPPINGS", "").strip() or BUNDLED_MAPPINGS)
+    if not mappings_path.is_file():
+        problems.append(f"RELAY_MAPPINGS: no such file: {mappings_path}")
+
+    schedule = _parse_schedule(env.get("RELAY_RETRY_SCHEDULE", ""), problems)
+
+    settings = Settings(
+        redis_url=env.get("REDIS_URL", "").strip() or None,
+        queue_name=env.get("RELAY_QUEUE", "").strip() or DEFAULT_QUEUE_NAME,
+        secrets=secrets,
+        max_body_bytes=number("RELAY_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
+        dedupe_ttl_seconds=number("RELAY_DEDUPE_TTL", DEFAULT_DEDUPE_TTL_SECONDS),
+        result_ttl_seconds=number("RELAY_RESULT_TTL", DEFAULT_RESULT_TTL_SECONDS),
+        failed_ttl_seconds=number("RELAY_FAILED_TTL", DEFAULT_FAILED_TTL_SECONDS),
+        mappings_path=mappings_path,
+        copernica_base_url=base_url.rstrip("/"),
+        copernica_api_version=api_version,
+        copernica_access_token=env.get("COPERNICA_ACCESS_TOKEN", "").strip() or None,
+        copernica_database=env.get("COPERNICA_DATABASE", "").strip() or None,
+        connect_timeout_seconds=number(
+            "COPERNICA_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT_SECONDS, float, 0.1
+        ),
+        read_timeout_seconds=number(
+            "COPERNICA_READ_TIMEOUT", DEFAULT_READ_TIMEOUT_SECONDS, float, 0.1
+        ),
+        retry_schedule_seconds=schedule,
+    )
+    if problems:
+        raise ConfigurationError(problems)
+    return settings
+
+
+SUPPORTED_API_VERSIONS = (1,)
+
+
+def _split_secrets(raw: str) -> tuple[bytes, ...]:
+    # Several comma-separated secrets let an operator rotate without downtime:
+    # Shopify may sign with the old secret for up to an hour after a rotation.
+    return tuple(part.strip().encode() for part in raw.split(",") if part.strip())
+
+
+def _parse_schedule(raw: str, problems: list[str]) -> tuple[int, ...]:
+    raw = raw.strip()
+    if not raw:
+        return DEFAULT_RETRY_SCHEDULE_SECONDS
+    try:
+        delays = tuple(int(part) for part in raw.split(","))
+    except ValueError:
+        problems.append(
+            f"RELAY_RETRY_SCHEDULE must be comma-separated whole seconds, got {raw!r}"
+        )
+        return DEFAULT_RETRY_SCHEDULE_SECONDS
+    if any(delay < 1 for delay in delays):
+        problems.append("RELAY_RETRY_SCHEDULE delays must be at least 1 second")
+        return DEFAULT_RETRY_SCHEDULE_SECONDS
+    return delays
+
+
+def _mask_url(url: str) -> str:
+    # redis://user:password@host:port/0 -> redis://user:***@host:port/0
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = credentials.partition(":")[0]
+    return f"{scheme}{sep}{user}:***@{host}"

@@ -1,0 +1,29 @@
+"""Gunicorn settings for the web process, read from the environment.
+
+Threaded workers: a webhook's work is a few Redis round trips, so threads keep
+the acks fast without a process per connection, and one slow client holds a
+thread, not a whole worker.
+"""
+
+import os
+
+bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+worker_class = "gthread"
+threads = int(os.environ.get("WEB_THREADS", "8"))
+
+# Under Heroku's 30 s router limit and shutdown grace.
+timeout = 25
+graceful_timeout = 20
+keepalive = 5
+
+# Load the app once in the master: a bad configuration or mapping stops the
+# whole server at start with its message, instead of workers failing to boot.
+preload_app = True
+
+accesslog = None
+errorlog = "-"
+
+# Gunicorn's control socket lives in the home directory, shared by every
+# gunicorn of the user; the relay does not use it.
+control_socket_disable = True

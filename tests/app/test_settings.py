@@ -1,0 +1,56 @@
+"""Configuration is read once and every problem is reported together."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.settings import ConfigurationError, load_settings
+from worker.retry import DEFAULT_RETRY_SCHEDULE_SECONDS
+
+
+def test_defaults_run_dry_with_bundled_mapping():
+    settings = load_settings({})
+    assert settings.dry_run
+    assert settings.max_body_bytes == 5 * 1024 * 1024
+    assert settings.dedupe_ttl_seconds == 72 * 3600
+    assert settings.copernica_base_url == "https://api.copernica.com"
+    assert settings.copernica_api_version == 1
+    assert settings.retry_schedule_seconds == DEFAULT_RETRY_SCHEDULE_SECONDS
+    assert settings.mappings_path.is_file()
+
+
+def test_secrets_split_on_commas_for_rotation():
+    settings = load_settings({"SHOPIFY_WEBHOOK_SECRET": " old , new ,,"})
+    assert settings.secrets_for("shopify") == (b"old", b"new")
+    assert settings.secrets_for("typeform") == ()
+
+
+def test_every_problem_is_listed_at_once():
+    with pytest.raises(ConfigurationError) as raised:
+        load_settings(
+            {
+                "RELAY_MAX_BODY_BYTES": "lots",
+                "COPERNICA_API_VERSION": "7",
+                "RELAY_MAPPINGS": "/nonexistent.yaml",
+                "RELAY_RETRY_SCHEDULE": "1,x",
+            }
+        )
+    problems = raised.value.problems
+    assert len(problems) == 4
+    assert any("RELAY_MAX_BODY_BYTES" in p for p in problems)
+    assert any("COPERNICA_API_VERSION" in p for p in problems)
+
+
+def test_token_never_in_repr_or_description():
+    settings = load_settings(
+        {
+            "COPERNICA_ACCESS_TOKEN": "secret-token-123",
+            "SHOPIFY_WEBHOOK_SECRET": "shh-secret",
+            "REDIS_URL": "redis://user:pw123@host:6379/0",
+        }
+    )
+    text = repr(settings) + repr(settings.describe())
+    assert "secret-token-123" not in text
+    assert "shh-secret" not in text
+    assert "pw123" not in text
+    assert not settings.dry_run

@@ -1,0 +1,1 @@
+"""Processes around the relay: the local launcher and the embedded Redis server."""

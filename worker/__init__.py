@@ -1,0 +1,1 @@
+"""The RQ side of the relay: delivery jobs, mapping rules and the Copernica client."""

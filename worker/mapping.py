@@ -1,0 +1,250 @@
+"""Mapping rules: which webhook becomes which Copernica profile update.
+
+A YAML file lists rules. Each rule names a source and topics, the Copernica
+fields that select the profile (``key``) and a JMESPath expression per field.
+Loading checks the whole file and raises MappingError naming the rule at
+fault, so a bad mapping stops a process at start instead of failing every
+delivery later. Applying rules is pure: a delivery in, profile updates out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jmespath
+import jmespath.exceptions
+import yaml
+
+from worker.expressions import OPTIONS, unknown_functions
+
+SOURCES = ("shopify", "typeform")
+RULE_KEYS = {
+    "name",
+    "source",
+    "topics",
+    "forms",
+    "database",
+    "key",
+    "create",
+    "async",
+    "fields",
+}
+
+
+class MappingError(Exception):
+    """The mapping file cannot be used; the message names the rule."""
+
+
+class MappedValueError(Exception):
+    """An expression produced a value Copernica cannot store (a list or object)."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    source: str
+    topics: tuple[str, ...]
+    forms: tuple[str, ...]
+    database: str | None
+    key: tuple[str, ...]
+    create: bool
+    async_: bool
+    fields: Mapping[str, Any]  # Copernica field -> compiled JMESPath expression
+
+    def matches(self, source: str, topic: str, body: Mapping[str, Any]) -> bool:
+        if source != self.source or topic not in self.topics:
+            return False
+        if self.forms:
+            form_id = (body.get("form_response") or {}).get("form_id")
+            return form_id in self.forms
+        return True
+
+
+@dataclass(frozen=True)
+class ProfileUpdate:
+    """One PUT database/{id}/profiles call, before any wire format."""
+
+    rule: str
+    database: str | None
+    selector: tuple[tuple[str, str], ...]  # (field, value) pairs, ANDed
+    fields: Mapping[str, Any]
+    create: bool
+    async_: bool
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A rule matched but no call may be made; the reason says why."""
+
+    rule: str
+    reason: str
+
+
+def load_mapping(path: Path, default_database: str | None = None) -> list[Rule]:
+    """Read and check a mapping file; raise MappingError on the first bad rule."""
+    try:
+        document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise MappingError(f"{path}: cannot read: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise MappingError(f"{path}: not valid YAML: {error}") from None
+    return parse_mapping(document, default_database, origin=str(path))
+
+
+def parse_mapping(
+    document: Any, default_database: str | None = None, origin: str = "mapping"
+) -> list[Rule]:
+    if not isinstance(document, dict) or not isinstance(document.get("rules"), list):
+        raise MappingError(f"{origin}: expected a top-level 'rules:' list")
+
+    rules = []
+    for index, raw in enumerate(document["rules"], start=1):
+        label = _label(index, raw)
+        try:
+            rules.append(_parse_rule(label, raw, default_database))
+        except MappingError as error:
+            raise MappingError(f"{origin}: {label}: {error}") from None
+    return rules
+
+
+def _label(index: int, raw: Any) -> str:
+    if isinstance(raw, dict) and raw.get("name"):
+        return f"rule {index} ({raw['name']})"
+    if isinstance(raw, dict):
+        return f"rule {index} ({raw.get('source')} {raw.get('topics')})"
+    return f"rule {index}"
+
+
+def _parse_rule(label: str, raw: Any, default_database: str | None) -> Rule:
+    if not isinstance(raw, dict):
+        raise MappingError("a rule must be a mapping of settings")
+    unknown = set(raw) - RULE_KEYS
+    if unknown:
+        raise MappingError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+
+    source = raw.get("source")
+    if source not in SOURCES:
+        raise MappingError(
+            f"source must be one of {', '.join(SOURCES)}, got {source!r}"
+        )
+
+    topics = _strings(raw.get("topics"), "topics", required=True)
+    forms = _strings(raw.get("forms"), "forms", required=False)
+    if forms and source != "typeform":
+        raise MappingError(
+            "'forms' filters Typeform form ids; it needs source typeform"
+        )
+
+    fields = raw.get("fields")
+    if not isinstance(fields, dict) or not fields:
+        raise MappingError("'fields' must map Copernica fields to expressions")
+    compiled = {}
+    for field_name, expression in fields.items():
+        if not isinstance(expression, str) or not expression.strip():
+            raise MappingError(f"field {field_name!r}: expression must be a string")
+        try:
+            compiled[str(field_name)] = jmespath.compile(expression)
+        except jmespath.exceptions.JMESPathError as error:
+            raise MappingError(
+                f"field {field_name!r}: invalid expression {expression!r}: {error}"
+            ) from None
+        unknown = ", ".join(sorted(unknown_functions(expression)))
+        if unknown:
+            raise MappingError(f"field {field_name!r}: unknown function(s) {unknown}")
+
+    key = _strings(raw.get("key"), "key", required=True)
+    missing = [name for name in key if name not in compiled]
+    if missing:
+        raise MappingError(f"key field(s) not in fields: {', '.join(missing)}")
+
+    database = raw.get("database", default_database)
+    return Rule(
+        name=str(raw.get("name") or label),
+        source=source,
+        topics=topics,
+        forms=forms,
+        database=None if database is None else str(database),
+        key=key,
+        create=_flag(raw, "create"),
+        async_=_flag(raw, "async"),
+        fields=compiled,
+    )
+
+
+def _strings(value: Any, setting: str, required: bool) -> tuple[str, ...]:
+    if value is None and not required:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(item, str | int) and str(item) for item in value)
+    ):
+        raise MappingError(f"'{setting}' must be a non-empty list of names")
+    return tuple(str(item) for item in value)
+
+
+def _flag(raw: dict, setting: str) -> bool:
+    value = raw.get(setting, False)
+    if not isinstance(value, bool):
+        raise MappingError(f"'{setting}' must be true or false, got {value!r}")
+    return value
+
+
+def apply_rules(
+    rules: Sequence[Rule], source: str, topic: str, body: Mapping[str, Any]
+) -> list[ProfileUpdate | Skipped]:
+    """Every matching rule's outcome for one delivery, in mapping order."""
+    return [_apply(rule, body) for rule in rules if rule.matches(source, topic, body)]
+
+
+def _apply(rule: Rule, body: Mapping[str, Any]) -> ProfileUpdate | Skipped:
+    values = {}
+    for field_name, expression in rule.fields.items():
+        value = expression.search(body, options=OPTIONS)
+        if value is None:
+            # A webhook never blanks a profile field by leaving it out.
+            continue
+        if isinstance(value, list | dict):
+            raise MappedValueError(
+                f"{rule.name}: field {field_name!r} evaluated to a "
+                f"{type(value).__name__}; Copernica fields hold single values "
+                "(join lists with join_values)"
+            )
+        values[field_name] = value
+
+    selector = []
+    for field_name in rule.key:
+        text = selector_text(values.get(field_name))
+        if not text:
+            # An empty selector could match every profile in the database.
+            return Skipped(rule.name, f"key field {field_name!r} is missing or empty")
+        if isinstance(values[field_name], str):
+            # The profile must store the key exactly as the next selector
+            # will look for it, or the next webhook creates a second profile.
+            values[field_name] = text
+        selector.append((field_name, text))
+
+    return ProfileUpdate(
+        rule=rule.name,
+        database=rule.database,
+        selector=tuple(selector),
+        fields=values,
+        create=rule.create,
+        async_=rule.async_,
+    )
+
+
+def selector_text(value: Any) -> str:
+    """A key value as it is compared in a ``fields[]`` filter ('' if none)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
