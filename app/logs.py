@@ -20,6 +20,8 @@ from typing import Any
 EMAIL = re.compile(r"^([^@\s]{1,64})@([^@\s]+)$")
 PHONE = re.compile(r"^\+?[\d\s().-]{7,}$")
 
+RELAY_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 #: Copernica field names that hold a person's name, address or birthday.
 PERSONAL_FIELD_HINTS = (
     "name",
@@ -71,13 +73,22 @@ def configure_logging(stream=None) -> None:
     as_json = fmt == "json" or (fmt != "text" and not stream.isatty())
     level = os.environ.get("LOG_LEVEL", "INFO").upper()
 
+    level = logging.getLevelName(level) if level in RELAY_LEVELS else logging.INFO
+    # RQ's own info lines (four per job) repeat what the relay's one line per
+    # delivery says; they show at DEBUG, its warnings and errors always.
+    rq_level = level if level == logging.DEBUG else max(level, logging.WARNING)
+
     handler = logging.StreamHandler(stream)
     handler.setFormatter(LineFormatter(as_json))
-    for name in ("relay", "rq"):
+    for name, logger_level in (("relay", level), ("rq", rq_level)):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
-        logger.setLevel(level if level in logging._nameToLevel else "INFO")
+        logger.setLevel(logger_level)
         logger.propagate = False
+
+    # rq.worker sets itself to INFO when imported; its children follow "rq".
+    for name in ("rq.worker", "rq.job", "rq.queue", "rq.scheduler"):
+        logging.getLogger(name).setLevel(logging.NOTSET)
 
 
 def mask(value: Any) -> Any:

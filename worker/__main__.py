@@ -9,6 +9,7 @@ stopped by RQ's job timeout.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 
@@ -24,7 +25,14 @@ from worker.mapping import MappingError
 log = logging.getLogger("relay.worker")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    parser.add_argument(
+        "--burst",
+        action="store_true",
+        help="deliver what is queued now, then exit (for draining and benchmarks)",
+    )
+    args = parser.parse_args(argv)
     configure_logging()
     try:
         ctx = context()
@@ -53,7 +61,7 @@ def main() -> int:
             "and stored as job results, nothing is sent",
             extra={"fields": {"worker": worker.name}},
         )
-    worker.work(with_scheduler=True, logging_level=None)
+    worker.work(burst=args.burst, with_scheduler=True, logging_level=None)
     return 0
 
 

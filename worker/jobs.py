@@ -90,10 +90,15 @@ def deliver(record: dict[str, Any]) -> dict[str, Any] | Retry:
         return {"outcome": "unmapped", "calls": []}
 
     done = job.meta.setdefault("done", {}) if job else {}
+    finished = False
     try:
-        return _deliver_each(ctx, outcomes, done, facts)
+        result = _deliver_each(ctx, outcomes, done, facts)
+        finished = not isinstance(result, Retry)
+        return result
     finally:
-        if job and done:
+        # Calls already applied are remembered only when the job comes back
+        # (a retry, a replay); a finished job has no use for the record.
+        if job and done and not finished:
             job.save_meta()
 
 
