@@ -8,13 +8,21 @@ it is readable in Redis and survives upgrades of either side.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 #: Delivery ids come from senders; longer ones are replaced by their hash so a
 #: hostile header cannot bloat Redis keys or logs.
 MAX_DELIVERY_ID_LENGTH = 200
+
+#: Real payloads nest a handful of levels; far deeper ones only serve to
+#: exhaust the recursion of every JSON encoder down the line.
+MAX_BODY_DEPTH = 64
+
+#: Topics are short names like ``customers/update``; a longer one is refused.
+MAX_TOPIC_LENGTH = 200
 
 
 class DeliveryError(ValueError):
@@ -33,7 +41,9 @@ class Delivery:
     body: Mapping[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Shallow on purpose: asdict() copies the body recursively, and a
+        # deeply nested body would hit Python's recursion limit.
+        return {item.name: getattr(self, item.name) for item in fields(self)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Delivery:
@@ -45,12 +55,44 @@ class Delivery:
         return f"{self.source} {self.topic} {self.delivery_id}"
 
 
+def parse_body(raw: bytes) -> dict[str, Any] | None:
+    """The body as a JSON object, or None if it is anything else.
+
+    Strict on purpose: UTF-8 only (both providers send it), no NaN or
+    Infinity (not JSON, and Copernica could not read them back), and no
+    nesting deeper than MAX_BODY_DEPTH.
+    """
+    try:
+        payload = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(payload, dict) or _depth_exceeds(payload, MAX_BODY_DEPTH):
+        return None
+    return payload
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    # Iterative, so the check itself cannot hit the recursion limit.
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend(
+            (child, depth + 1) for child in children if isinstance(child, dict | list)
+        )
+    return False
+
+
 def shopify_delivery(
     headers: Mapping[str, str], body: Mapping[str, Any], raw: bytes, received_at: str
 ) -> Delivery:
-    topic = (headers.get("X-Shopify-Topic") or "").strip()
-    if not topic:
-        raise DeliveryError("missing X-Shopify-Topic header")
+    topic = _topic((headers.get("X-Shopify-Topic") or "").strip(), "X-Shopify-Topic")
 
     return Delivery(
         source="shopify",
@@ -68,22 +110,22 @@ def typeform_delivery(
     headers: Mapping[str, str], body: Mapping[str, Any], raw: bytes, received_at: str
 ) -> Delivery:
     topic = body.get("event_type")
-    if not isinstance(topic, str) or not topic:
-        raise DeliveryError("body has no event_type")
+    topic = _topic(topic if isinstance(topic, str) else "", "event_type")
 
     response = body.get("form_response")
     response = response if isinstance(response, dict) else {}
-    form_id = _text(response.get("form_id"))
-    token = _text(response.get("token"))
+    form_id = response.get("form_id")
+    token = response.get("token")
 
     # Typeform's own advice: a submission is (form, token, event type). The
-    # partial and the final response of one respondent share the token.
+    # partial and the final response of one respondent share the token. The
+    # id is built from the full values; _bounded hashes it when too long.
     delivery_id = f"{form_id}:{token}:{topic}" if form_id and token else None
     return Delivery(
         source="typeform",
         topic=topic,
         delivery_id=_bounded(delivery_id, raw),
-        account=form_id,
+        account=_text(form_id),
         received_at=received_at,
         event_at=_text(response.get("submitted_at")),
         event_id=_text(body.get("event_id")),
@@ -94,12 +136,22 @@ def typeform_delivery(
 BUILDERS = {"shopify": shopify_delivery, "typeform": typeform_delivery}
 
 
+def _topic(topic: str, origin: str) -> str:
+    if not topic:
+        raise DeliveryError(f"missing {origin}")
+    if len(topic) > MAX_TOPIC_LENGTH or not topic.isprintable():
+        raise DeliveryError(f"{origin} is not a topic name")
+    return topic
+
+
 def _bounded(delivery_id: str | None, raw: bytes) -> str:
     # Without an id the body's own hash dedupes exact resends.
     if not delivery_id:
         return "sha256-" + hashlib.sha256(raw).hexdigest()
     if len(delivery_id) > MAX_DELIVERY_ID_LENGTH or not delivery_id.isprintable():
-        return "sha256-" + hashlib.sha256(delivery_id.encode()).hexdigest()
+        # surrogatepass: a lone surrogate from a JSON body still hashes.
+        encoded = delivery_id.encode("utf-8", "surrogatepass")
+        return "sha256-" + hashlib.sha256(encoded).hexdigest()
     return delivery_id
 
 

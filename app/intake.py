@@ -80,4 +80,31 @@ def store(
                 # Someone stored the same delivery meanwhile; look again.
                 pipe.reset()
                 continue
+            except redis.ResponseError:
+                # Redis ran the transaction but a command in it failed (Redis
+                # does not roll back): the key may be held for an event that
+                # was not queued. Release it so the sender's retry is taken.
+                _release(queue, key, job)
+                raise
     raise redis.RedisError(f"dedupe key {key} kept changing; not stored")
+
+
+#: Deletes the dedupe key only while it still names this job.
+RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+def _release(queue: Queue, key: str, job: Job) -> None:
+    connection = queue.connection
+    try:
+        connection.eval(RELEASE_SCRIPT, 1, key, job.id)
+        connection.lrem(queue.key, 0, job.id)
+        connection.delete(job.key)
+    except redis.RedisError:
+        # Nothing more can be done now; the 503 still makes the sender retry,
+        # and the key expires after the dedupe window.
+        pass

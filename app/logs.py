@@ -54,16 +54,23 @@ class LineFormatter(logging.Formatter):
             event["error"] = self.formatException(record.exc_info)
 
         if self.as_json:
-            return json.dumps(event, ensure_ascii=False, default=str)
-        head = f"{event.pop('time')} {event.pop('level'):7} {event.pop('event')}"
-        event.pop("logger")
-        tail = " ".join(f"{key}={_plain(value)}" for key, value in event.items())
-        return f"{head} {tail}".rstrip()
+            line = json.dumps(event, ensure_ascii=False, default=str)
+        else:
+            time, level = event.pop("time"), event.pop("level")
+            event.pop("logger")
+            head = f"{time} {level:7} {_plain(event.pop('event'), quote_spaces=False)}"
+            tail = " ".join(f"{key}={_plain(value)}" for key, value in event.items())
+            line = f"{head} {tail}".rstrip()
+        # A lone surrogate from a sender's JSON cannot be written as UTF-8.
+        return line.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _plain(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    return text if text and " " not in text else json.dumps(text, ensure_ascii=False)
+def _plain(value: Any, quote_spaces: bool = True) -> str:
+    """A value for text logs; anything that could fake a new line is quoted."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    if not text.isprintable() or (quote_spaces and (" " in text or not text)):
+        return json.dumps(text)
+    return text
 
 
 def configure_logging(stream=None) -> None:

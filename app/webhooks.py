@@ -8,7 +8,6 @@ could not be stored or the source has no secret, so the sender retries.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from datetime import UTC, datetime
@@ -17,7 +16,7 @@ import redis
 from flask import Blueprint, current_app, jsonify, request
 
 from app import intake
-from app.deliveries import BUILDERS, DeliveryError
+from app.deliveries import BUILDERS, DeliveryError, parse_body
 from app.signatures import verify_shopify, verify_typeform
 
 bp = Blueprint("webhooks", __name__)
@@ -41,7 +40,12 @@ def receive(source: str):
     if not secrets:
         return _answer(503, f"no {source} secret configured", source, started)
 
-    body = _read_body(settings.max_body_bytes)
+    try:
+        body = _read_body(settings.max_body_bytes)
+    except Exception:
+        # A broken chunked encoding or a client gone mid-body: nothing to
+        # verify, and no reason to log a traceback for it.
+        return _answer(400, "body could not be read", source, started)
     if body is None:
         return _answer(
             413, "body too large", source, started, limit=settings.max_body_bytes
@@ -51,11 +55,8 @@ def receive(source: str):
     if not verify(secrets, body, request.headers.get(header)):
         return _answer(401, "signature missing or wrong", source, started)
 
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):
-        payload = None
-    if not isinstance(payload, dict):
+    payload = parse_body(body)
+    if payload is None:
         return _answer(400, "body is not a JSON object", source, started)
 
     received_at = datetime.now(UTC).isoformat(timespec="microseconds")

@@ -16,7 +16,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, quote_plus
 
 import requests
 
@@ -149,7 +149,9 @@ class CopernicaClient:
         url = f"{self.base_url}{call.path}?{query}"
         data = None
         if call.body is not None:
-            data = json.dumps(call.body, ensure_ascii=False).encode()
+            # ASCII JSON: any text, even a lone surrogate from a sender,
+            # encodes; Copernica decodes the \u escapes.
+            data = json.dumps(call.body).encode()
             headers = {**headers, "Content-Type": "application/json"}
 
         try:
@@ -175,15 +177,33 @@ class CopernicaClient:
             )
 
     def _describe_error(self, error: requests.RequestException) -> str:
-        # requests puts the full URL, token included, into its messages.
-        kind = type(error).__name__
-        text = str(error).replace(self.access_token, "***")
-        text = text.replace(quote(self.access_token, safe=""), "***")
-        return f"{kind}: {text[:ERROR_TEXT_LIMIT]}"
+        # requests' own messages hold the whole URL: the token and the
+        # selector (an email address). Only the kind of failure is kept.
+        if isinstance(error, requests.ConnectTimeout):
+            return f"no connection within {self.connect_timeout:g} s (ConnectTimeout)"
+        if isinstance(error, requests.ReadTimeout):
+            return f"no answer within {self.read_timeout:g} s (ReadTimeout)"
+        if isinstance(error, requests.exceptions.SSLError):
+            return "TLS handshake or certificate failed (SSLError)"
+        if isinstance(error, requests.ConnectionError):
+            return "connection refused, reset or closed (ConnectionError)"
+        return f"request failed ({type(error).__name__})"
 
     def _error_message(self, response: requests.Response) -> str:
         try:
-            message = response.json()["error"]["message"]
+            message = str(response.json()["error"]["message"])
         except (ValueError, KeyError, TypeError):
-            message = response.text.strip()[:ERROR_TEXT_LIMIT] or response.reason
-        return str(message).replace(self.access_token, "***")
+            message = response.text.strip() or response.reason or ""
+        return self._redact(message)[:ERROR_TEXT_LIMIT]
+
+    def _redact(self, text: str) -> str:
+        # Copernica may echo the request, and with it the token, in any of
+        # the forms a URL carries it.
+        for form in {
+            self.access_token,
+            quote(self.access_token, safe=""),
+            quote(self.access_token),
+            quote_plus(self.access_token),
+        }:
+            text = text.replace(form, "***")
+        return text

@@ -92,7 +92,11 @@ def _parse_time(text: str | None) -> datetime | None:
         return None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(COPERNICA_TIMEZONE)
+    try:
+        return moment.astimezone(COPERNICA_TIMEZONE)
+    except OverflowError:
+        # Year 1 or 9999 shifted across midnight: no date Copernica can hold.
+        return None
 
 
 def _trim_fraction(text: str) -> str:

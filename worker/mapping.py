@@ -205,7 +205,15 @@ def apply_rules(
 def _apply(rule: Rule, body: Mapping[str, Any]) -> ProfileUpdate | Skipped:
     values = {}
     for field_name, expression in rule.fields.items():
-        value = expression.search(body, options=OPTIONS)
+        try:
+            value = expression.search(body, options=OPTIONS)
+        except Exception as error:
+            # JMESPath type errors quote the offending value, which may be
+            # personal data; the reason names only the rule and the field.
+            raise MappedValueError(
+                f"{rule.name}: field {field_name!r}: expression failed on this "
+                f"body ({type(error).__name__})"
+            ) from None
         if value is None:
             # A webhook never blanks a profile field by leaving it out.
             continue
@@ -219,10 +227,9 @@ def _apply(rule: Rule, body: Mapping[str, Any]) -> ProfileUpdate | Skipped:
 
     selector = []
     for field_name in rule.key:
-        text = selector_text(values.get(field_name))
-        if not text:
-            # An empty selector could match every profile in the database.
-            return Skipped(rule.name, f"key field {field_name!r} is missing or empty")
+        text, problem = selector_text(values.get(field_name))
+        if problem:
+            return Skipped(rule.name, f"key field {field_name!r} {problem}")
         if isinstance(values[field_name], str):
             # The profile must store the key exactly as the next selector
             # will look for it, or the next webhook creates a second profile.
@@ -239,12 +246,30 @@ def _apply(rule: Rule, body: Mapping[str, Any]) -> ProfileUpdate | Skipped:
     )
 
 
-def selector_text(value: Any) -> str:
-    """A key value as it is compared in a ``fields[]`` filter ('' if none)."""
+#: What Copernica (PHP's trim) strips from both ends of a filter expression.
+COPERNICA_TRIM = " \t\n\r\0\x0b"
+
+
+def selector_text(value: Any) -> tuple[str, str | None]:
+    """A key value as a ``fields[]`` filter compares it, or why it cannot be one.
+
+    Only text and whole numbers select a profile. Empty text, and text with
+    control characters, are refused: Copernica trims NUL and other controls
+    from the filter, so ``email==\\0`` would select every profile whose email
+    is blank.
+    """
     if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value).strip()
+        return "", "is missing or empty"
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return "", f"is a {type(value).__name__}, not text or a number"
+    if isinstance(value, float):
+        if not value.is_integer():
+            return "", "is not a whole number"
+        value = int(value)
+
+    text = str(value).strip(COPERNICA_TRIM)
+    if not text:
+        return "", "is missing or empty"
+    if any(ord(char) < 32 or ord(char) == 127 for char in text):
+        return "", "contains control characters"
+    return text, None

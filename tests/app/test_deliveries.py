@@ -10,6 +10,7 @@ from werkzeug.datastructures import Headers
 from app.deliveries import (
     Delivery,
     DeliveryError,
+    parse_body,
     shopify_delivery,
     typeform_delivery,
 )
@@ -65,3 +66,62 @@ def test_missing_or_hostile_delivery_ids_become_hashes():
 def test_record_round_trips_through_a_dict():
     delivery = Delivery("shopify", "t", "d", None, NOW, None, None, {"a": [1]})
     assert Delivery.from_dict(json.loads(json.dumps(delivery.to_dict()))) == delivery
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"a": NaN}',
+        b'{"a": Infinity}',
+        b'{"a": -Infinity}',
+        '{"a": 1}'.encode("utf-16"),
+        b"\xef\xbb\xbf{}",
+        b'{"a": "\xff"}',
+        b'{"a":' + b"[" * 65 + b"]" * 65 + b"}",
+        b"[]",
+        b"1",
+        b"",
+        b"null",
+    ],
+)
+def test_bodies_that_are_not_plain_json_objects_are_refused(raw):
+    assert parse_body(raw) is None
+
+
+def test_ordinary_bodies_parse_including_escapes_and_depth_to_the_limit():
+    assert parse_body(b'{"a":"\\u2028\\/"}') == {"a": "\u2028/"}
+    assert parse_body(b'{"a":' + b"[" * 63 + b"]" * 63 + b"}") is not None
+
+
+def test_long_or_odd_topics_are_refused():
+    with pytest.raises(DeliveryError):
+        shopify_delivery(Headers({"X-Shopify-Topic": "t" * 201}), {}, b"{}", NOW)
+    with pytest.raises(DeliveryError):
+        typeform_delivery(Headers(), {"event_type": "a\nb"}, b"{}", NOW)
+
+
+def test_long_typeform_tokens_that_share_a_prefix_do_not_collide():
+    def delivery(token):
+        body = {
+            "event_type": "form_response",
+            "form_response": {"form_id": "F", "token": token},
+        }
+        return typeform_delivery(Headers(), body, b"{}", NOW).delivery_id
+
+    assert delivery("x" * 300 + "1") != delivery("x" * 300 + "2")
+
+
+def test_lone_surrogate_in_a_token_still_gives_an_id():
+    body = {
+        "event_type": "form_response",
+        "form_response": {"form_id": "F", "token": "\ud800"},
+    }
+    assert typeform_delivery(Headers(), body, b"{}", NOW).delivery_id.startswith(
+        "sha256-"
+    )
+
+
+def test_deeply_nested_body_round_trips_shallowly():
+    body = {"a": [[[[1]]]]}
+    delivery = Delivery("shopify", "t", "d", None, NOW, None, None, body)
+    assert delivery.to_dict()["body"] is body

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import requests
 
+from app.intake import dedupe_key
 from tests.harness import Relay, relay_env, shopify_headers, typeform_headers
 from tools.embedded_redis import RedisServer
 
@@ -59,3 +60,27 @@ def test_source_without_secret_answers_503_and_says_so_at_start(relay):
     assert response.status_code == 503
     assert "no typeform secret configured" in response.json()["error"]
     assert "TYPEFORM_WEBHOOK_SECRET" in relay.web.output()
+
+
+def test_failed_store_releases_the_dedupe_key_so_the_retry_is_taken(relay, own_redis):
+    import redis as redis_py
+
+    client = redis_py.Redis.from_url(own_redis.url)
+    body = b'{"id":2,"email":"half@example.com"}'
+    headers = shopify_headers(body, "customers/create", delivery_id="half-stored")
+    # A queue key of the wrong type makes the push fail inside the transaction
+    # after the dedupe key was set: Redis does not roll that back.
+    client.delete("rq:queue:deliveries")
+    client.set("rq:queue:deliveries", "not a list")
+    try:
+        response = relay.post("shopify", body, headers)
+        assert response.status_code == 503
+        assert not client.exists(dedupe_key("shopify", "half-stored"))
+    finally:
+        client.delete("rq:queue:deliveries")
+
+    retry = relay.post("shopify", body, headers)
+    assert retry.status_code == 202, retry.text
+    assert client.lrange("rq:queue:deliveries", 0, -1)[-1] == (
+        retry.json()["job"].encode()
+    )

@@ -398,3 +398,41 @@ def test_access_token_never_in_logs_or_job_data(relay, standin, redis_server):
     assert COPERNICA_TOKEN not in json.dumps(job.return_value())
     assert COPERNICA_TOKEN not in relay.logs()
     assert "leak-check@example.com" not in relay.logs()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"a":' + b"[" * 900 + b"]" * 900 + b"}",
+        b'{"email":"nan@example.com","n":NaN}',
+        '{"email":"utf16@example.com"}'.encode("utf-16"),
+    ],
+)
+def test_signed_but_unusable_json_is_400_never_503(relay, body):
+    response = relay.post("shopify", body, shopify_headers(body, "customers/create"))
+    assert response.status_code == 400, response.text
+
+
+def test_malformed_chunked_body_is_400(relay):
+    import socket
+
+    host, port = relay.url.removeprefix("http://").split(":")
+    request = (
+        b"POST /webhooks/shopify HTTP/1.1\r\nHost: x\r\n"
+        b"Transfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n"
+        b"zz\r\nabc\r\n0\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(request)
+        answer = conn.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+
+
+def test_nul_email_sends_nothing(relay, standin, redis_server):
+    body = b'{"id":14,"email":"\\u0000","first_name":"Mallory"}'
+
+    response = relay.post("shopify", body, shopify_headers(body, "customers/update"))
+    job = wait_for_job(connection(redis_server), response.json()["job"])
+
+    assert job.return_value()["outcome"] == "skipped"
+    assert standin.requests == []

@@ -53,3 +53,8 @@ def test_join_values_skips_empty_items():
         "a, 2, yes"
     )
     assert search("join_values(', ', x)", {"x": []}) is None
+
+
+def test_dates_at_the_edge_of_the_calendar_give_null():
+    assert search("copernica_datetime(t)", {"t": "9999-12-31T23:59:59-05:00"}) is None
+    assert search("copernica_date(t)", {"t": "0001-01-01T00:00:00+05:00"}) is None

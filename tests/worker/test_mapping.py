@@ -198,3 +198,55 @@ def test_yaml_errors_and_missing_files_are_mapping_errors(tmp_path):
     empty.write_text("")
     with pytest.raises(MappingError, match="top-level 'rules:' list"):
         load_mapping(empty)
+
+
+@pytest.mark.parametrize(
+    "email, reason",
+    [
+        ("\x00", "is missing or empty"),
+        (" \x00\t", "is missing or empty"),
+        ("zoe@example.com\x00x", "contains control characters"),
+        ("a\nb@example.com", "contains control characters"),
+        (True, "is a bool, not text or a number"),
+        (1.5, "is not a whole number"),
+        (float("nan"), "is not a whole number"),
+    ],
+)
+def test_key_values_copernica_would_trim_or_misread_are_refused(email, reason):
+    [outcome] = apply_rules(
+        rules_from(ISSUE_EXAMPLE), "shopify", "customers/create", {"email": email}
+    )
+    assert outcome == Skipped(outcome.rule, f"key field 'email' {reason}")
+
+
+def test_trailing_nul_is_trimmed_as_copernica_would():
+    [update] = apply_rules(
+        rules_from(ISSUE_EXAMPLE),
+        "shopify",
+        "customers/create",
+        {"email": "zoe@example.com\x00"},
+    )
+    assert update.selector == (("email", "zoe@example.com"),)
+    assert update.fields["email"] == "zoe@example.com"
+
+
+def test_whole_number_keys_select_as_integers():
+    rules = rules_from(
+        ISSUE_EXAMPLE.replace("key: [email]", "key: [id]", 1).replace(
+            "email: email", "email: email\n      id: id", 1
+        )
+    )
+    [update] = apply_rules(rules, "shopify", "customers/create", {"id": 42.0})
+    assert update.selector == (("id", "42"),)
+
+
+def test_expression_type_error_names_rule_and_field_but_not_the_value():
+    rules = load_mapping(BUNDLED_MAPPINGS)
+    body = fixture("typeform/form_response.json")
+    body["form_response"]["answers"] = {"email": "secret.person@example.com"}
+
+    with pytest.raises(MappedValueError) as raised:
+        apply_rules(rules, "typeform", "form_response", body)
+
+    assert "typeform-response: field 'email'" in str(raised.value)
+    assert "secret.person" not in str(raised.value)

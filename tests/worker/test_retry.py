@@ -50,3 +50,8 @@ def test_retry_after_reads_seconds_and_http_dates():
         )
         == 0
     )
+
+
+def test_non_ascii_digits_in_retry_after_are_ignored():
+    assert parse_retry_after("\u00b2") is None
+    assert parse_retry_after("\u0663") is None  # Arabic-Indic three

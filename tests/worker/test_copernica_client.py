@@ -1,0 +1,92 @@
+"""The Copernica client at its socket edge, against the stand-in and a dead port."""
+
+from __future__ import annotations
+
+from urllib.parse import quote, quote_plus
+
+import pytest
+
+from tests.standin.copernica import CopernicaStandIn, Fault
+from tools.embedded_redis import free_port
+from worker.copernica import ApiV1, CopernicaClient, TransportError
+from worker.mapping import ProfileUpdate
+
+TOKEN = "tok+/=%&en-secret"
+EMAIL = "person+tag@example.com"
+
+
+def client(base_url: str, read_timeout: float = 2.0) -> CopernicaClient:
+    return CopernicaClient(
+        base_url=base_url,
+        access_token=TOKEN,
+        api=ApiV1(),
+        connect_timeout=1.0,
+        read_timeout=read_timeout,
+    )
+
+
+def call():
+    update = ProfileUpdate(
+        rule="r",
+        database="1",
+        selector=(("email", EMAIL),),
+        fields={"email": EMAIL},
+        create=True,
+        async_=False,
+    )
+    return ApiV1().profile_put(update, "1")
+
+
+@pytest.fixture
+def standin():
+    with CopernicaStandIn(
+        access_token=TOKEN, databases={1: ["email"]}, put_status=303
+    ) as server:
+        yield server
+
+
+def test_created_profile_id_is_kept_and_303_not_followed(standin):
+    answer = client(standin.base_url).send(call())
+
+    assert answer.ok and answer.status == 303
+    assert answer.created_id == "1001"
+    assert [r.method for r in standin.requests] == ["PUT"]
+
+
+def test_unreachable_copernica_error_names_neither_token_nor_email():
+    with pytest.raises(TransportError) as raised:
+        client(f"http://127.0.0.1:{free_port()}").send(call())
+
+    text = str(raised.value)
+    assert "ConnectionError" in text
+    for secret in (TOKEN, "person", "example.com", "access_token"):
+        assert secret not in text
+
+
+def test_read_timeout_is_reported_as_such(standin):
+    standin.add_fault(Fault(status=None, delay=1.5))
+    with pytest.raises(TransportError, match="no answer within 0.5 s"):
+        client(standin.base_url, read_timeout=0.5).send(call())
+
+
+@pytest.mark.parametrize(
+    "echo",
+    [
+        TOKEN,
+        quote(TOKEN, safe=""),
+        quote(TOKEN),  # "/" left as it is
+        quote_plus(TOKEN),
+    ],
+)
+def test_token_echoed_in_an_error_message_is_redacted(standin, echo):
+    standin.add_fault(Fault(status=400, message=f"bad token {echo} here"))
+
+    answer = client(standin.base_url).send(call())
+
+    assert not answer.ok and not answer.retryable
+    assert answer.message == "bad token *** here"
+
+
+def test_long_error_messages_are_cut(standin):
+    standin.add_fault(Fault(status=400, message="x" * 100_000))
+    assert len(client(standin.base_url).send(call()).message) == 300
