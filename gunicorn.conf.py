@@ -6,11 +6,20 @@ thread, not a whole worker.
 """
 
 import os
+import sys
 
-bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+
+def _whole_number(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip() or str(default)
+    if not raw.isdigit() or int(raw) < 1:
+        sys.exit(f"relay not started: {name} must be a whole number >= 1, got {raw!r}")
+    return int(raw)
+
+
+bind = f"{os.environ.get('HOST', '0.0.0.0')}:{_whole_number('PORT', 8000)}"
+workers = _whole_number("WEB_CONCURRENCY", 2)
 worker_class = "gthread"
-threads = int(os.environ.get("WEB_THREADS", "8"))
+threads = _whole_number("WEB_THREADS", 8)
 
 # Under Heroku's 30 s router limit and shutdown grace.
 timeout = 25

@@ -19,16 +19,16 @@ from werkzeug.exceptions import HTTPException
 from app.connections import WEB_SOCKET_TIMEOUT_SECONDS, connect
 from app.logs import configure_logging
 from app.settings import SOURCES, ConfigurationError, Settings, load_settings
-from worker.mapping import MappingError, load_mapping
+from worker.mapping import MappingError, load_rules
 
 log = logging.getLogger("relay.web")
 
 
-def create_app(settings: Settings | None = None) -> Flask:
+def create_app(settings: Settings | None = None, announce: bool = True) -> Flask:
     configure_logging()
     try:
         settings = settings or load_settings()
-        rules = load_mapping(settings.mappings_path, settings.copernica_database)
+        rules = load_rules(settings)
     except (ConfigurationError, MappingError) as error:
         # Gunicorn would print a long traceback for an exception here; the
         # operator needs only the list of problems.
@@ -36,7 +36,11 @@ def create_app(settings: Settings | None = None) -> Flask:
         raise SystemExit(2) from None
 
     app = Flask(__name__)
-    connection = connect(settings.redis_url, socket_timeout=WEB_SOCKET_TIMEOUT_SECONDS)
+    connection = connect(
+        settings.redis_url,
+        socket_timeout=WEB_SOCKET_TIMEOUT_SECONDS,
+        tls_verify=settings.redis_tls_verify,
+    )
     app.extensions["relay"] = {
         "settings": settings,
         "rules": rules,
@@ -54,7 +58,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_error_handler(Exception, _unexpected_error)
 
     for source in SOURCES:
-        if not settings.secrets_for(source):
+        if announce and not settings.secrets_for(source):
             log.warning(
                 "no %s secret configured: /webhooks/%s answers 503 to everything",
                 source,

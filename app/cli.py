@@ -1,4 +1,5 @@
-"""Operator commands: ``flask --app app <command>`` (``bin/relay <command>``)."""
+"""Operator commands: ``bin/relay <command>``, ``python -m app <command>`` or
+``flask --app app <command>``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import click
 import requests
 from flask import Flask, current_app
+from flask.cli import with_appcontext
 
 from app.signatures import TYPEFORM_PREFIX, sign
 
@@ -18,10 +20,12 @@ DEFAULT_URL = f"http://127.0.0.1:{os.environ.get('PORT', '8000')}"
 
 
 def init_app(app: Flask) -> None:
-    app.cli.add_command(send)
+    for command in COMMANDS:
+        app.cli.add_command(command)
 
 
 @click.command("send")
+@with_appcontext
 @click.argument("source", type=click.Choice(["shopify", "typeform"]))
 @click.argument("topic")
 @click.argument(
@@ -51,6 +55,11 @@ def send(source, topic, body_file, url, shop, delivery_id):
     secret configured for SOURCE. For Typeform the topic is read from the
     body's event_type, so TOPIC is only checked against it.
     """
+    if source == "typeform" and delivery_id:
+        raise click.UsageError(
+            "Typeform delivery ids come from the body (form id, token, event "
+            "type); change form_response.token in the file to send it anew"
+        )
     settings = current_app.extensions["relay"]["settings"]
     secrets = settings.secrets_for(source)
     if not secrets:
@@ -96,3 +105,6 @@ def _check_typeform_topic(body: bytes, topic: str) -> None:
             "the relay uses that as the topic",
             err=True,
         )
+
+
+COMMANDS = [send]

@@ -18,11 +18,21 @@ HEALTH_CHECK_INTERVAL_SECONDS = 30
 MAX_CONNECTIONS = 32
 
 
-def connect(url: str | None, socket_timeout: float | None = None) -> redis.Redis:
+def connect(
+    url: str | None, socket_timeout: float | None = None, tls_verify: bool = True
+) -> redis.Redis:
+    url = url or DEFAULT_REDIS_URL
+    options = {}
+    if url.startswith("rediss://") and not tls_verify:
+        # Heroku Redis serves TLS with a self-signed certificate that no CA
+        # vouches for; REDIS_TLS_VERIFY=false accepts it. The connection is
+        # still encrypted. Set explicitly, never by default.
+        options["ssl_cert_reqs"] = None
     return redis.Redis.from_url(
-        url or DEFAULT_REDIS_URL,
+        url,
         socket_timeout=socket_timeout,
         socket_connect_timeout=WEB_SOCKET_TIMEOUT_SECONDS,
         health_check_interval=HEALTH_CHECK_INTERVAL_SECONDS,
         max_connections=MAX_CONNECTIONS,
+        **options,
     )

@@ -34,6 +34,10 @@ DEFAULT_FAILED_TTL_SECONDS = 30 * 24 * 3600
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 5.0
 DEFAULT_READ_TIMEOUT_SECONDS = 20.0
 
+#: The longest one call may take: a delivery job has 28 s (under Heroku's
+#: 30 s grace), and the worker keeps a little of it in hand.
+MAX_CALL_SECONDS = 25
+
 
 BUNDLED_MAPPINGS = Path(__file__).resolve().parent.parent / "worker" / "mappings.yaml"
 
@@ -61,6 +65,8 @@ class Settings:
     copernica_api_version: int = 1
     copernica_access_token: str | None = field(default=None, repr=False)
     copernica_database: str | None = None
+    redis_tls_verify: bool = True
+    log_level: str = "INFO"
     connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS
     read_timeout_seconds: float = DEFAULT_READ_TIMEOUT_SECONDS
     retry_schedule_seconds: tuple[int, ...] = DEFAULT_RETRY_SCHEDULE_SECONDS
@@ -89,6 +95,7 @@ class Settings:
             "copernica_base_url": self.copernica_base_url,
             "copernica_api_version": self.copernica_api_version,
             "copernica_database": self.copernica_database,
+            "redis_tls_verify": self.redis_tls_verify,
             "dry_run": self.dry_run,
             "retry_schedule_seconds": list(self.retry_schedule_seconds),
         }
@@ -135,8 +142,38 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
     schedule = _parse_schedule(env.get("RELAY_RETRY_SCHEDULE", ""), problems)
 
+    redis_url = env.get("REDIS_URL", "").strip() or None
+    if redis_url and not redis_url.startswith(REDIS_SCHEMES):
+        problems.append(
+            f"REDIS_URL must start with {', '.join(REDIS_SCHEMES)}, got "
+            f"{_mask_url(redis_url)!r}"
+        )
+
+    tls_verify = env.get("REDIS_TLS_VERIFY", "").strip().lower() or "true"
+    if tls_verify not in ("true", "false"):
+        problems.append(f"REDIS_TLS_VERIFY must be true or false, got {tls_verify!r}")
+
+    log_level = env.get("LOG_LEVEL", "").strip().upper() or "INFO"
+    if log_level not in LOG_LEVELS:
+        problems.append(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
+
+    connect_timeout = number(
+        "COPERNICA_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT_SECONDS, float, 0.1
+    )
+    read_timeout = number(
+        "COPERNICA_READ_TIMEOUT", DEFAULT_READ_TIMEOUT_SECONDS, float, 0.1
+    )
+    if connect_timeout + read_timeout > MAX_CALL_SECONDS:
+        problems.append(
+            "COPERNICA_CONNECT_TIMEOUT + COPERNICA_READ_TIMEOUT must be at most "
+            f"{MAX_CALL_SECONDS} s, so a call ends within the worker's 30 s "
+            "shutdown grace"
+        )
+
     settings = Settings(
-        redis_url=env.get("REDIS_URL", "").strip() or None,
+        redis_url=redis_url,
+        redis_tls_verify=tls_verify != "false",
+        log_level=log_level,
         queue_name=env.get("RELAY_QUEUE", "").strip() or DEFAULT_QUEUE_NAME,
         secrets=secrets,
         max_body_bytes=number("RELAY_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
@@ -148,12 +185,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         copernica_api_version=api_version,
         copernica_access_token=env.get("COPERNICA_ACCESS_TOKEN", "").strip() or None,
         copernica_database=env.get("COPERNICA_DATABASE", "").strip() or None,
-        connect_timeout_seconds=number(
-            "COPERNICA_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT_SECONDS, float, 0.1
-        ),
-        read_timeout_seconds=number(
-            "COPERNICA_READ_TIMEOUT", DEFAULT_READ_TIMEOUT_SECONDS, float, 0.1
-        ),
+        connect_timeout_seconds=connect_timeout,
+        read_timeout_seconds=read_timeout,
         retry_schedule_seconds=schedule,
     )
     if problems:
@@ -162,6 +195,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
 
 SUPPORTED_API_VERSIONS = (1,)
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def _split_secrets(raw: str) -> tuple[bytes, ...]:

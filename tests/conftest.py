@@ -5,15 +5,7 @@ from __future__ import annotations
 import pytest
 import redis
 
-from tests.harness import FIXTURES
 from tools.embedded_redis import RedisServer
-
-
-def pytest_configure(config):
-    if not (FIXTURES / "shopify" / "headers.json").is_file():
-        raise pytest.UsageError(
-            f"webhook fixtures not found at {FIXTURES}; set RELAY_FIXTURES"
-        )
 
 
 @pytest.fixture(scope="session")

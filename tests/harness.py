@@ -27,6 +27,14 @@ from tools.embedded_redis import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(os.environ.get("RELAY_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+FIXTURES_MISSING = (
+    f"webhook fixtures not found at {FIXTURES}: the tests read the signed "
+    "samples from ../shared/fixtures beside the clone; set RELAY_FIXTURES to "
+    "their folder"
+)
+
+if not (FIXTURES / "shopify" / "headers.json").is_file():
+    raise ImportError(FIXTURES_MISSING)
 
 SHOPIFY_SECRET = json.loads((FIXTURES / "shopify" / "headers.json").read_text())[
     "signing_secret_for_tests"

@@ -76,7 +76,11 @@ class RedisServer:
         ]
         if self.socket_path:
             args += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        # Its own session: a Ctrl-C meant for the launcher must not stop Redis
+        # before the web and worker processes have finished with it.
+        self.process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         self._wait_until_ready(timeout)
         return self.url
 

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import redis
+
 from app.settings import ConfigurationError, load_settings
 from tools.embedded_redis import RedisServer
-from worker.mapping import MappingError, load_mapping
+from worker.mapping import MappingError, load_rules
 
 ROOT = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("RELAY_VAR_DIR", ROOT / "var"))
@@ -28,16 +31,25 @@ STOP_GRACE_SECONDS = 30
 def main() -> int:
     try:
         settings = load_settings()
-        load_mapping(settings.mappings_path, settings.copernica_database)
+        load_rules(settings)
     except (ConfigurationError, MappingError) as error:
         print(f"relay not started: {error}", file=sys.stderr)
         return 2
 
     env = dict(os.environ)
     env.setdefault("PORT", "8000")
+    # Locally the relay listens on loopback only; HOST=0.0.0.0 opens it up.
+    env.setdefault("HOST", "127.0.0.1")
     redis_server = None
     if not settings.redis_url:
         redis_server = RedisServer(VAR_DIR / "redis")
+        if _answers(redis_server.url):
+            print(
+                f"relay not started: an embedded Redis already runs in "
+                f"{redis_server.directory}; is another bin/run still running?",
+                file=sys.stderr,
+            )
+            return 2
         env["REDIS_URL"] = redis_server.start()
 
     commands = {
@@ -55,12 +67,12 @@ def main() -> int:
         name: subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
         for name, command in commands.items()
     }
-    _banner(env, settings.dry_run, redis_server is not None)
 
     stopping = []
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     exit_code = 0
+    announced = False
     while not stopping:
         ended = {n: p.returncode for n, p in processes.items() if p.poll() is not None}
         if ended:
@@ -68,12 +80,30 @@ def main() -> int:
             print(f"relay: {name} exited with {code}; stopping", file=sys.stderr)
             exit_code = code or 1
             break
+        if not announced and _listening(env["HOST"], int(env["PORT"])):
+            _banner(env, settings.dry_run, redis_server is not None)
+            announced = True
         time.sleep(0.2)
 
     _stop(processes)
     if redis_server:
         redis_server.stop()
     return exit_code
+
+
+def _answers(redis_url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(redis_url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def _stop(processes: dict[str, subprocess.Popen]) -> None:
@@ -93,7 +123,7 @@ def _stop(processes: dict[str, subprocess.Popen]) -> None:
 
 def _banner(env: dict[str, str], dry_run: bool, embedded: bool) -> None:
     lines = [
-        f"relay: listening on http://127.0.0.1:{env['PORT']}",
+        f"relay: listening on http://{env['HOST']}:{env['PORT']}",
         "relay: Redis "
         + (f"embedded, data in {VAR_DIR / 'redis'}" if embedded else "from REDIS_URL"),
         "relay: "

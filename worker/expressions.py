@@ -8,6 +8,8 @@
 - ``copernica_date(text)``: the same, date only (``YYYY-MM-DD``).
 - ``join_values(glue, list)``: the non-empty items as text, joined; null when
   none are left.
+- ``email(text)``: an email address trimmed with its domain in lower case, so
+  ``Zoe@Example.COM`` and ``Zoe@example.com`` select the same profile.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ class RelayFunctions(jmespath.functions.Functions):
         moment = _parse_time(text)
         return None if moment is None else moment.strftime("%Y-%m-%d")
 
+    @jmespath.functions.signature({"types": ["string", "null"]})
+    def _func_email(self, text):
+        return email_address(text)
+
     @jmespath.functions.signature({"types": ["string"]}, {"types": ["array", "null"]})
     def _func_join_values(self, glue, items):
         parts = [_text(item) for item in items or () if item not in (None, "")]
@@ -66,19 +72,40 @@ def answer_value(answer: dict) -> Any:
     return value
 
 
-def unknown_functions(expression: str) -> set[str]:
-    """Function names an expression calls that neither JMESPath nor we define."""
-    names: set[str] = set()
-    _collect_functions(jmespath.compile(expression).parsed, names)
-    return names - FUNCTION_NAMES
+def function_problems(expression: str) -> list[str]:
+    """Calls JMESPath would only reject when run: unknown names, wrong arity."""
+    problems = []
+    for name, count in _function_calls(jmespath.compile(expression).parsed):
+        spec = RelayFunctions.FUNCTION_TABLE.get(name)
+        if spec is None:
+            problems.append(f"unknown function {name}()")
+            continue
+        signature = spec["signature"]
+        variadic = bool(signature) and signature[-1].get("variadic", False)
+        if count < len(signature) or (count > len(signature) and not variadic):
+            wanted = f"{len(signature)}{' or more' if variadic else ''}"
+            problems.append(f"{name}() takes {wanted} argument(s), given {count}")
+    return problems
 
 
-def _collect_functions(node: dict, names: set[str]) -> None:
-    if node.get("type") == "function_expression":
-        names.add(node["value"])
-    for child in node.get("children", ()):
-        if isinstance(child, dict):
-            _collect_functions(child, names)
+def _function_calls(node: dict) -> list[tuple[str, int]]:
+    calls = []
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if current.get("type") == "function_expression":
+            calls.append((current["value"], len(current["children"])))
+        stack.extend(c for c in current.get("children", ()) if isinstance(c, dict))
+    return calls
+
+
+def email_address(text: str | None) -> str | None:
+    """An email address trimmed, its domain in lower case (the part before the
+    @ is case-sensitive in principle and is kept as written)."""
+    if not text or "@" not in text:
+        return text
+    local, _, domain = text.strip().rpartition("@")
+    return f"{local}@{domain.lower()}"
 
 
 def _parse_time(text: str | None) -> datetime | None:

@@ -19,16 +19,17 @@ from typing import Any
 from rq import Retry, get_current_job
 
 from app.deliveries import Delivery
+from app.intake import JOB_TIMEOUT_SECONDS
 from app.logs import mask_fields, mask_selector
 from app.settings import Settings, load_settings
-from worker.copernica import API_VERSIONS, Answer, Call, CopernicaClient, TransportError
+from worker.copernica import API_VERSIONS, Call, CopernicaClient, TransportError
 from worker.mapping import (
     MappedValueError,
     ProfileUpdate,
     Rule,
     Skipped,
     apply_rules,
-    load_mapping,
+    load_rules,
 )
 from worker.retry import next_delay, parse_retry_after
 
@@ -52,7 +53,7 @@ class WorkerContext:
 def context() -> WorkerContext:
     """Settings, mapping and HTTP session, built once per worker process."""
     settings = load_settings()
-    rules = load_mapping(settings.mappings_path, settings.copernica_database)
+    rules = load_rules(settings)
     client = None
     if not settings.dry_run:
         client = CopernicaClient(
@@ -65,55 +66,82 @@ def context() -> WorkerContext:
     return WorkerContext(settings, rules, client)
 
 
+#: A job returning Retry is brought back by RQ until it has returned Retry
+#: this often; the relay's own schedule decides long before.
+RQ_RETRY_CEILING = 10_000
+
+#: Seconds kept free at the end of the job's time: a call is only started
+#: when its worst case (connect + read timeout) still fits before RQ's limit.
+JOB_TIME_MARGIN_SECONDS = 1.0
+
+
+@dataclass
+class Attempt:
+    """One run of a delivery job, and what it carries over to the next run."""
+
+    facts: dict[str, Any]
+    done: dict[str, Any]  # rule -> result of calls already applied
+    failures: int  # earlier runs that ended in a retryable failure
+    deadline: float  # monotonic time by which the job must have returned
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+
 def deliver(record: dict[str, Any]) -> dict[str, Any] | Retry:
     delivery = Delivery.from_dict(record)
     ctx = context()
     job = get_current_job()
-    attempt = (job.number_of_retries or 0) + 1 if job else 1
-    facts = {
-        "delivery": delivery.delivery_id,
-        "source": delivery.source,
-        "topic": delivery.topic,
-        "attempt": attempt,
-    }
+    meta = job.meta if job else {}
+    timeout = job.timeout if job and job.timeout else JOB_TIMEOUT_SECONDS
+    failures = int(meta.get("failures", 0))
+    attempt = Attempt(
+        facts={
+            "delivery": delivery.delivery_id,
+            "source": delivery.source,
+            "topic": delivery.topic,
+            "attempt": failures + 1,
+        },
+        done=meta.setdefault("done", {}),
+        failures=failures,
+        deadline=time.monotonic() + timeout - JOB_TIME_MARGIN_SECONDS,
+    )
 
+    finished = False
+    try:
+        result = _deliver(ctx, delivery, attempt)
+        finished = not isinstance(result, Retry)
+        return result
+    finally:
+        # What a later run needs (calls applied, failures counted) is saved
+        # only when there will be a later run: a retry, or a replay.
+        if job and not finished:
+            meta["failures"] = attempt.failures
+            job.save_meta()
+
+
+def _deliver(
+    ctx: WorkerContext, delivery: Delivery, attempt: Attempt
+) -> dict[str, Any] | Retry:
     try:
         outcomes = apply_rules(
             ctx.rules, delivery.source, delivery.topic, delivery.body
         )
     except MappedValueError as error:
-        _log("delivery failed", facts, outcome="failed", reason=str(error))
+        _log("delivery failed", attempt, outcome="failed", reason=str(error))
         raise DeliveryFailed(str(error)) from None
 
     if not outcomes:
-        _log("delivery unmapped", facts, outcome="unmapped")
+        _log("delivery unmapped", attempt, outcome="unmapped")
         return {"outcome": "unmapped", "calls": []}
 
-    done = job.meta.setdefault("done", {}) if job else {}
-    finished = False
-    try:
-        result = _deliver_each(ctx, outcomes, done, facts)
-        finished = not isinstance(result, Retry)
-        return result
-    finally:
-        # Calls already applied are remembered only when the job comes back
-        # (a retry, a replay); a finished job has no use for the record.
-        if job and done and not finished:
-            job.save_meta()
-
-
-def _deliver_each(
-    ctx: WorkerContext,
-    outcomes: list[ProfileUpdate | Skipped],
-    done: dict[str, Any],
-    facts: dict[str, Any],
-) -> dict[str, Any] | Retry:
     results = []
+    calls_this_run = 0
     for outcome in outcomes:
         if isinstance(outcome, Skipped):
             _log(
                 "rule skipped",
-                facts,
+                attempt,
                 rule=outcome.rule,
                 outcome="skipped",
                 reason=outcome.reason,
@@ -122,33 +150,48 @@ def _deliver_each(
                 {"rule": outcome.rule, "outcome": "skipped", "reason": outcome.reason}
             )
             continue
-        if outcome.rule in done:
-            results.append(done[outcome.rule])
+        if outcome.rule in attempt.done:
+            results.append(attempt.done[outcome.rule])
             continue
 
         call = _profile_call(ctx, outcome)
         if ctx.client is None:
             _log(
                 "dry run: request not sent",
-                facts,
+                attempt,
                 rule=outcome.rule,
                 outcome="dry_run",
                 method=call.method,
                 path=call.path,
                 selector=mask_selector(outcome.selector),
                 create=outcome.create,
-                **{"async": outcome.async_},
                 body=mask_fields(outcome.fields),
+                **{"async": outcome.async_},
             )
             results.append(
                 {"rule": outcome.rule, "outcome": "dry_run", "request": call.describe()}
             )
             continue
 
-        result = _send(ctx, call, outcome, facts)
+        worst_case = (
+            ctx.settings.connect_timeout_seconds + ctx.settings.read_timeout_seconds
+        )
+        if calls_this_run and attempt.remaining() < worst_case:
+            # RQ would kill a call that outlives the job's time, and count a
+            # timeout as a permanent failure; continue in a fresh run instead.
+            _log(
+                "delivery continues in a new run",
+                attempt,
+                rule=outcome.rule,
+                outcome="continued",
+            )
+            return Retry(max=RQ_RETRY_CEILING, interval=1)
+
+        calls_this_run += 1
+        result = _send(ctx, call, outcome, attempt)
         if isinstance(result, Retry):
             return result
-        done[outcome.rule] = result
+        attempt.done[outcome.rule] = result
         results.append(result)
 
     return {"outcome": _overall(results), "calls": results}
@@ -164,7 +207,7 @@ def _profile_call(ctx: WorkerContext, update: ProfileUpdate) -> Call:
 
 
 def _send(
-    ctx: WorkerContext, call: Call, update: ProfileUpdate, facts: dict[str, Any]
+    ctx: WorkerContext, call: Call, update: ProfileUpdate, attempt: Attempt
 ) -> dict[str, Any] | Retry:
     started = time.monotonic()
     try:
@@ -173,17 +216,17 @@ def _send(
         answer, problem = None, str(error)
     else:
         problem = f"Copernica answered {answer.status}: {answer.message}"
-    elapsed_ms = round((time.monotonic() - started) * 1000)
+    timing = {"duration_ms": round((time.monotonic() - started) * 1000)}
 
     if answer is not None and answer.ok:
         _log(
             "profile updated",
-            facts,
+            attempt,
             rule=update.rule,
             outcome="applied",
             status=answer.status,
             created_id=answer.created_id,
-            duration_ms=elapsed_ms,
+            **timing,
         )
         return {
             "rule": update.rule,
@@ -193,62 +236,54 @@ def _send(
             "request": call.describe(),
         }
 
+    status = answer.status if answer else None
     if answer is not None and not answer.retryable:
         _log(
             "delivery failed",
-            facts,
-            rule=update.rule,
-            outcome="failed",
-            status=answer.status,
-            reason=problem,
-            duration_ms=elapsed_ms,
-        )
-        raise DeliveryFailed(f"{update.rule}: {problem} (permanent, not retried)")
-
-    return _retry_or_fail(ctx, answer, problem, update, facts, elapsed_ms)
-
-
-def _retry_or_fail(
-    ctx: WorkerContext,
-    answer: Answer | None,
-    problem: str,
-    update: ProfileUpdate,
-    facts: dict[str, Any],
-    elapsed_ms: int,
-) -> Retry:
-    schedule = ctx.settings.retry_schedule_seconds
-    retries_done = facts["attempt"] - 1
-    retry_after = parse_retry_after(answer.retry_after) if answer else None
-    delay = next_delay(retries_done, schedule, retry_after)
-    status = answer.status if answer else None
-
-    if delay is None:
-        _log(
-            "delivery failed",
-            facts,
+            attempt,
             rule=update.rule,
             outcome="failed",
             status=status,
             reason=problem,
-            duration_ms=elapsed_ms,
             level=logging.WARNING,
+            **timing,
         )
         raise DeliveryFailed(
-            f"{update.rule}: gave up after {facts['attempt']} attempts; last: {problem}"
+            f"{update.rule}: {problem} (permanent, not retried; "
+            f"attempt {attempt.failures + 1})"
+        )
+
+    attempt.failures += 1
+    retry_after = parse_retry_after(answer.retry_after) if answer else None
+    schedule = ctx.settings.retry_schedule_seconds
+    delay = next_delay(attempt.failures - 1, schedule, retry_after)
+    if delay is None:
+        _log(
+            "delivery failed",
+            attempt,
+            rule=update.rule,
+            outcome="failed",
+            status=status,
+            reason=problem,
+            level=logging.WARNING,
+            **timing,
+        )
+        raise DeliveryFailed(
+            f"{update.rule}: gave up after {attempt.failures} attempts; last: {problem}"
         )
 
     _log(
         "delivery will be retried",
-        facts,
+        attempt,
         rule=update.rule,
         outcome="retry",
         status=status,
         reason=problem,
         retry_in_s=delay,
-        duration_ms=elapsed_ms,
         level=logging.WARNING,
+        **timing,
     )
-    return Retry(max=len(schedule), interval=delay)
+    return Retry(max=RQ_RETRY_CEILING, interval=delay)
 
 
 def _overall(results: list[dict[str, Any]]) -> str:
@@ -256,5 +291,5 @@ def _overall(results: list[dict[str, Any]]) -> str:
     return outcomes.pop() if len(outcomes) == 1 else "mixed"
 
 
-def _log(event: str, facts: dict[str, Any], level: int = logging.INFO, **more) -> None:
-    log.log(level, event, extra={"fields": {**facts, **more}})
+def _log(event: str, attempt: Attempt, level: int = logging.INFO, **more) -> None:
+    log.log(level, event, extra={"fields": {**attempt.facts, **more}})

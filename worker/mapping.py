@@ -18,7 +18,7 @@ import jmespath
 import jmespath.exceptions
 import yaml
 
-from worker.expressions import OPTIONS, unknown_functions
+from worker.expressions import OPTIONS, function_problems
 
 SOURCES = ("shopify", "typeform")
 RULE_KEYS = {
@@ -81,6 +81,23 @@ class Skipped:
 
     rule: str
     reason: str
+
+
+def load_rules(settings) -> list[Rule]:
+    """The mapping in effect for ``settings``, checked as the processes need it.
+
+    When the relay sends for real, every rule needs a database: a rule without
+    one would fail every delivery it matches.
+    """
+    rules = load_mapping(settings.mappings_path, settings.copernica_database)
+    if not settings.dry_run:
+        missing = [rule.name for rule in rules if rule.database is None]
+        if missing:
+            raise MappingError(
+                f"{settings.mappings_path}: rule(s) {', '.join(missing)} name no "
+                "database and COPERNICA_DATABASE is not set"
+            )
+    return rules
 
 
 def load_mapping(path: Path, default_database: str | None = None) -> list[Rule]:
@@ -151,9 +168,9 @@ def _parse_rule(label: str, raw: Any, default_database: str | None) -> Rule:
             raise MappingError(
                 f"field {field_name!r}: invalid expression {expression!r}: {error}"
             ) from None
-        unknown = ", ".join(sorted(unknown_functions(expression)))
-        if unknown:
-            raise MappingError(f"field {field_name!r}: unknown function(s) {unknown}")
+        problems = function_problems(expression)
+        if problems:
+            raise MappingError(f"field {field_name!r}: {'; '.join(problems)}")
 
     key = _strings(raw.get("key"), "key", required=True)
     missing = [name for name in key if name not in compiled]

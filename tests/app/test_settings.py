@@ -54,3 +54,47 @@ def test_token_never_in_repr_or_description():
     assert "shh-secret" not in text
     assert "pw123" not in text
     assert not settings.dry_run
+
+
+def test_redis_and_logging_settings_are_checked():
+    with pytest.raises(ConfigurationError) as raised:
+        load_settings(
+            {
+                "REDIS_URL": "http://user:pw@host/0",
+                "REDIS_TLS_VERIFY": "no",
+                "LOG_LEVEL": "loud",
+            }
+        )
+    text = str(raised.value)
+    assert "REDIS_URL must start with" in text and "pw" not in text
+    assert "REDIS_TLS_VERIFY must be true or false" in text
+    assert "LOG_LEVEL must be one of" in text
+    assert not load_settings({"REDIS_TLS_VERIFY": "false"}).redis_tls_verify
+
+
+def test_call_timeouts_must_fit_the_shutdown_grace():
+    with pytest.raises(ConfigurationError, match="at most 25 s"):
+        load_settings(
+            {"COPERNICA_CONNECT_TIMEOUT": "10", "COPERNICA_READ_TIMEOUT": "20"}
+        )
+
+
+def test_live_relay_needs_a_database_for_every_rule():
+    from worker.mapping import MappingError, load_rules
+
+    live = load_settings({"COPERNICA_ACCESS_TOKEN": "t"})
+    with pytest.raises(MappingError, match="COPERNICA_DATABASE is not set"):
+        load_rules(live)
+    assert load_rules(load_settings({}))  # dry run: the placeholder will do
+    assert load_rules(
+        load_settings({"COPERNICA_ACCESS_TOKEN": "t", "COPERNICA_DATABASE": "1"})
+    )
+
+
+def test_self_signed_tls_is_accepted_only_when_asked():
+    from app.connections import connect
+
+    strict = connect("rediss://127.0.0.1:1/0").connection_pool.connection_kwargs
+    relaxed = connect("rediss://127.0.0.1:1/0", tls_verify=False)
+    assert strict.get("ssl_cert_reqs", "required") == "required"
+    assert relaxed.connection_pool.connection_kwargs["ssl_cert_reqs"] is None

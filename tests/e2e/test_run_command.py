@@ -37,11 +37,7 @@ def test_run_command_relays_a_sent_fixture_as_a_dry_run(tmp_path):
         _wait_until_up(port, launcher, log_path)
         sent = subprocess.run(
             [
-                sys.executable,
-                "-m",
-                "flask",
-                "--app",
-                "app",
+                str(ROOT / "bin" / "relay"),
                 "send",
                 "shopify",
                 "customers/create",
@@ -51,7 +47,7 @@ def test_run_command_relays_a_sent_fixture_as_a_dry_run(tmp_path):
                 "--delivery-id",
                 "readme-walk",
             ],
-            cwd=ROOT,
+            cwd=tmp_path,  # as a user would, from anywhere
             env=env,
             capture_output=True,
             text=True,

@@ -164,7 +164,7 @@ def test_unmatched_topic_gives_nothing():
         ("source: shopify", "source must be one of"),
         ("key: [email]", "key field(s) not in fields: phone"),
         ("email: email", "invalid expression"),
-        ("email: email", "unknown function(s) nosuch"),
+        ("email: email", "unknown function nosuch()"),
         ("create: true", "'create' must be true or false"),
         ("topics: [customers/create, customers/update]", "'topics' must be"),
         ("async: false", "unknown setting(s): asynk"),
@@ -175,10 +175,12 @@ def test_bad_rules_are_reported_with_the_rule_named(change, message):
         "source must be one of": "source: magento",
         "key field(s) not in fields: phone": "key: [email, phone]",
         "invalid expression": 'email: "email["',
-        "unknown function(s) nosuch": "email: nosuch(email)",
+        "unknown function nosuch()": "email: nosuch(email)",
         "'create' must be true or false": "create: maybe",
         "'topics' must be": "topics: []",
         "unknown setting(s): asynk": "asynk: false",
+        "answer() takes 2 argument(s), given 1": "lastname: answer(x)",
+        "not_null() takes 1 or more argument(s), given 0": "firstname: not_null()",
     }
     text = ISSUE_EXAMPLE.replace(change, replacements[message], 1)
     with pytest.raises(MappingError) as raised:
@@ -250,3 +252,11 @@ def test_expression_type_error_names_rule_and_field_but_not_the_value():
 
     assert "typeform-response: field 'email'" in str(raised.value)
     assert "secret.person" not in str(raised.value)
+
+
+def test_bundled_mapping_lowercases_the_email_domain_only():
+    rules = load_mapping(BUNDLED_MAPPINGS)
+    [update] = apply_rules(
+        rules, "shopify", "customers/update", {"email": " Zoe.A+Shop@Example.COM "}
+    )
+    assert update.selector == (("email", "Zoe.A+Shop@example.com"),)

@@ -1,0 +1,22 @@
+"""``python -m app <command>`` (``bin/relay <command>``): the operator commands.
+
+The same commands are on ``flask --app app``; this entry point shows only the
+relay's own, not Flask's development server, shell and options.
+"""
+
+from flask.cli import AppGroup, ScriptInfo
+
+from app import cli, create_app
+
+relay_cli = AppGroup(
+    "relay",
+    help="copernica-relay operator commands. Run a command with --help for more.",
+)
+for command in cli.COMMANDS:
+    relay_cli.add_command(command)
+
+if __name__ == "__main__":
+    relay_cli.main(
+        obj=ScriptInfo(create_app=lambda: create_app(announce=False)),
+        prog_name="bin/relay",
+    )
