@@ -14,6 +14,7 @@ import requests
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 
+from app import failed as failed_store
 from app.signatures import TYPEFORM_PREFIX, sign
 
 DEFAULT_URL = f"http://127.0.0.1:{os.environ.get('PORT', '8000')}"
@@ -107,4 +108,122 @@ def _check_typeform_topic(body: bytes, topic: str) -> None:
         )
 
 
-COMMANDS = [send]
+@click.group("failed")
+def failed():
+    """List, show, requeue and purge failed deliveries."""
+
+
+def _filters(command):
+    """The options that choose failed deliveries, shared by every subcommand."""
+    options = [
+        click.option("--source", type=click.Choice(["shopify", "typeform"])),
+        click.option("--topic", help="Exact topic, e.g. customers/update."),
+        click.option("--since", type=_Moment(), help="Failed at or after (ISO time)."),
+        click.option("--until", type=_Moment(), help="Failed at or before (ISO time)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+class _Moment(click.ParamType):
+    name = "TIME"
+
+    def convert(self, value, param, ctx):
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            self.fail(f"{value!r} is not an ISO time like 2026-12-04T10:00", param, ctx)
+        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _chosen(ids, source, topic, since, until):
+    queue = current_app.extensions["relay"]["queue"]
+    everything = failed_store.failed_deliveries(queue)
+    return queue, failed_store.select(
+        everything, source=source, topic=topic, since=since, until=until, ids=ids
+    )
+
+
+@failed.command("list")
+@_filters
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@with_appcontext
+def failed_list(source, topic, since, until, as_json):
+    """Failed deliveries, oldest first; emails in reasons masked."""
+    _, chosen = _chosen((), source, topic, since, until)
+    chosen.sort(key=lambda item: item.failed_at or datetime.min.replace(tzinfo=UTC))
+    for item in chosen:
+        row = item.summary()
+        if as_json:
+            click.echo(json.dumps(row, ensure_ascii=False))
+        else:
+            click.echo(
+                f"{row['failed_at']}  {row['job']}  {row['source']} {row['topic']}  "
+                f"delivery={row['delivery']}  attempts={row['attempts']}\n"
+                f"    {row['reason']}"
+            )
+    if not as_json:
+        click.echo(f"{len(chosen)} failed deliveries")
+
+
+@failed.command("show")
+@click.argument("ident")
+@with_appcontext
+def failed_show(ident):
+    """One failed delivery by job id or delivery id; personal data masked."""
+    _, chosen = _chosen((ident,), None, None, None, None)
+    if not chosen:
+        raise click.ClickException(f"no failed delivery {ident!r}")
+    for item in chosen:
+        row = item.summary()
+        record = item.job.args[0] if item.job.args else {}
+        row |= {
+            "account": item.account,
+            "received_at": record.get("received_at"),
+            "event_at": record.get("event_at"),
+            "requeued": item.job.meta.get("requeued", 0),
+            "calls_done": sorted(item.job.meta.get("done", {})),
+            "body_fields": sorted(record.get("body", {})),
+        }
+        click.echo(json.dumps(row, indent=2, ensure_ascii=False))
+
+
+@failed.command("requeue")
+@click.argument("ids", nargs=-1)
+@_filters
+@click.option("--all", "everything", is_flag=True, help="Every failed delivery.")
+@with_appcontext
+def failed_requeue(ids, source, topic, since, until, everything):
+    """Put failed deliveries (by id, or chosen by filters) back on the queue."""
+    _need_choice(ids, source, topic, since, until, everything)
+    queue, chosen = _chosen(ids, source, topic, since, until)
+    for item in chosen:
+        failed_store.requeue(queue, item)
+        click.echo(
+            f"requeued {item.job_id} ({item.source} {item.topic} {item.delivery_id})"
+        )
+    click.echo(f"{len(chosen)} requeued")
+
+
+@failed.command("purge")
+@click.argument("ids", nargs=-1)
+@_filters
+@click.option("--all", "everything", is_flag=True, help="Every failed delivery.")
+@with_appcontext
+def failed_purge(ids, source, topic, since, until, everything):
+    """Delete failed deliveries (by id, or chosen by filters) for good."""
+    _need_choice(ids, source, topic, since, until, everything)
+    queue, chosen = _chosen(ids, source, topic, since, until)
+    for item in chosen:
+        failed_store.purge(queue, item)
+    click.echo(f"{len(chosen)} purged")
+
+
+def _need_choice(ids, source, topic, since, until, everything):
+    # Acting on every failed delivery must be asked for in so many words.
+    if not (ids or source or topic or since or until or everything):
+        raise click.UsageError("name job or delivery ids, give a filter, or --all")
+
+
+COMMANDS = [send, failed]

@@ -22,10 +22,6 @@ from app.deliveries import Delivery
 DEDUPE_PREFIX = "relay:dedupe:"
 DELIVER_FUNCTION = "worker.jobs.deliver"
 
-#: A delivery's job may run this long before RQ stops it; above the
-#: Copernica timeouts, below Heroku's 30 s grace.
-JOB_TIMEOUT_SECONDS = 28
-
 
 @dataclass(frozen=True)
 class Stored:
@@ -44,6 +40,7 @@ def store(
     dedupe_ttl: int,
     result_ttl: int,
     failure_ttl: int,
+    job_timeout: int,
 ) -> Stored:
     """Queue ``delivery`` unless the same delivery was accepted before.
 
@@ -56,7 +53,7 @@ def store(
         connection=queue.connection,
         serializer=queue.serializer,
         id=uuid.uuid4().hex,
-        timeout=JOB_TIMEOUT_SECONDS,
+        timeout=job_timeout,
         result_ttl=result_ttl,
         failure_ttl=failure_ttl,
         # RQ logs the description; the default one would hold the whole body.

@@ -34,9 +34,19 @@ DEFAULT_FAILED_TTL_SECONDS = 30 * 24 * 3600
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 5.0
 DEFAULT_READ_TIMEOUT_SECONDS = 20.0
 
-#: The longest one call may take: a delivery job has 28 s (under Heroku's
-#: 30 s grace), and the worker keeps a little of it in hand.
-MAX_CALL_SECONDS = 25
+#: A delivery job's time limit: under Heroku's 30 s shutdown grace, so a
+#: worker told to stop can always finish the delivery in hand.
+DEFAULT_JOB_TIMEOUT_SECONDS = 28
+
+#: Of the job's time, a call may take all but this much.
+JOB_TIME_RESERVE_SECONDS = 3
+
+#: How long order marks are kept: longer than a failed delivery is kept for
+#: replay, so a replayed old event still finds the newer mark.
+DEFAULT_ORDER_TTL_SECONDS = 35 * 24 * 3600
+
+#: How often a worker looks for deliveries abandoned by a dead worker.
+DEFAULT_RECOVERY_INTERVAL_SECONDS = 30
 
 
 BUNDLED_MAPPINGS = Path(__file__).resolve().parent.parent / "worker" / "mappings.yaml"
@@ -70,6 +80,9 @@ class Settings:
     connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS
     read_timeout_seconds: float = DEFAULT_READ_TIMEOUT_SECONDS
     retry_schedule_seconds: tuple[int, ...] = DEFAULT_RETRY_SCHEDULE_SECONDS
+    job_timeout_seconds: int = DEFAULT_JOB_TIMEOUT_SECONDS
+    order_ttl_seconds: int = DEFAULT_ORDER_TTL_SECONDS
+    recovery_interval_seconds: int = DEFAULT_RECOVERY_INTERVAL_SECONDS
 
     @property
     def dry_run(self) -> bool:
@@ -98,6 +111,9 @@ class Settings:
             "redis_tls_verify": self.redis_tls_verify,
             "dry_run": self.dry_run,
             "retry_schedule_seconds": list(self.retry_schedule_seconds),
+            "job_timeout_seconds": self.job_timeout_seconds,
+            "order_ttl_seconds": self.order_ttl_seconds,
+            "recovery_interval_seconds": self.recovery_interval_seconds,
         }
 
 
@@ -163,11 +179,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     read_timeout = number(
         "COPERNICA_READ_TIMEOUT", DEFAULT_READ_TIMEOUT_SECONDS, float, 0.1
     )
-    if connect_timeout + read_timeout > MAX_CALL_SECONDS:
+    job_timeout = number("RELAY_JOB_TIMEOUT", DEFAULT_JOB_TIMEOUT_SECONDS, int, 5)
+    longest_call = job_timeout - JOB_TIME_RESERVE_SECONDS
+    if connect_timeout + read_timeout > longest_call:
         problems.append(
             "COPERNICA_CONNECT_TIMEOUT + COPERNICA_READ_TIMEOUT must be at most "
-            f"{MAX_CALL_SECONDS} s, so a call ends within the worker's 30 s "
-            "shutdown grace"
+            f"{longest_call:g} s (RELAY_JOB_TIMEOUT - {JOB_TIME_RESERVE_SECONDS}), "
+            "so a call ends within the delivery job's time"
         )
 
     settings = Settings(
@@ -188,6 +206,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         connect_timeout_seconds=connect_timeout,
         read_timeout_seconds=read_timeout,
         retry_schedule_seconds=schedule,
+        job_timeout_seconds=job_timeout,
+        order_ttl_seconds=number("RELAY_ORDER_TTL", DEFAULT_ORDER_TTL_SECONDS),
+        recovery_interval_seconds=number(
+            "RELAY_RECOVERY_INTERVAL", DEFAULT_RECOVERY_INTERVAL_SECONDS
+        ),
     )
     if problems:
         raise ConfigurationError(problems)

@@ -72,6 +72,7 @@ def receive(source: str):
             dedupe_ttl=settings.dedupe_ttl_seconds,
             result_ttl=settings.result_ttl_seconds,
             failure_ttl=settings.failed_ttl_seconds,
+            job_timeout=settings.job_timeout_seconds,
         )
     except redis.RedisError as error:
         return _answer(

@@ -90,7 +90,12 @@ def measure(redis_url: str, standin: CopernicaStandIn, jobs: int) -> dict:
             body={**body, "email": f"customer{number}@example.com"},
         )
         stored = intake.store(
-            queue, delivery, dedupe_ttl=3600, result_ttl=3600, failure_ttl=3600
+            queue,
+            delivery,
+            dedupe_ttl=3600,
+            result_ttl=3600,
+            failure_ttl=3600,
+            job_timeout=28,
         )
         job_ids.append(stored.job_id)
 

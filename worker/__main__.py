@@ -1,10 +1,12 @@
 """``python -m worker``: run one delivery worker with RQ's scheduler.
 
-The worker class is RQ's SimpleWorker, which runs jobs in its own process. The
-default Worker forks a child per job, which costs more than a delivery itself:
-about 12 jobs/s against about 230 jobs/s on two cores. Delivery jobs hold no
-state between runs that a fork would protect, and a job that hangs is still
-stopped by RQ's job timeout.
+The worker class builds on RQ's SimpleWorker, which runs jobs in its own
+process. The default Worker forks a child per job, which costs more than a
+delivery itself: about 12 jobs/s against about 230 jobs/s on two cores.
+Delivery jobs hold no state between runs that a fork would protect, and a job
+that hangs is still stopped by RQ's job timeout. On SIGTERM the worker
+finishes the delivery in hand (at most RELAY_JOB_TIMEOUT, 28 s) and exits;
+see worker/recovery.py for a worker that is killed instead.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import argparse
 import logging
 import sys
 
-from rq import Queue, SimpleWorker
+from rq import Queue
 from rq.serializers import JSONSerializer
 
 from app.connections import connect
@@ -21,6 +23,7 @@ from app.logs import configure_logging
 from app.settings import ConfigurationError
 from worker.jobs import context
 from worker.mapping import MappingError
+from worker.recovery import RelayWorker
 
 log = logging.getLogger("relay.worker")
 
@@ -43,7 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     settings = ctx.settings
     connection = connect(settings.redis_url, tls_verify=settings.redis_tls_verify)
     queue = Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
-    worker = SimpleWorker([queue], connection=connection, serializer=JSONSerializer)
+    interval = settings.recovery_interval_seconds
+    worker = RelayWorker(
+        [queue],
+        connection=connection,
+        serializer=JSONSerializer,
+        # Maintenance (which requeues abandoned deliveries) runs between jobs;
+        # an idle worker wakes from its wait on the queue this often for it.
+        maintenance_interval=interval,
+        worker_ttl=interval + 15,
+    )
 
     log.info(
         "worker starting",

@@ -208,6 +208,7 @@ class CopernicaStandIn:
         put_status: int = 303,
         collections: dict[int, dict[str, list[str]]] | None = None,
         jwt_lifetime: float = DEFAULT_JWT_LIFETIME,
+        upsert_window: float = 0.0,
     ) -> None:
         if put_status not in (200, 303):
             raise ValueError("put_status must be 200 or 303")
@@ -215,6 +216,11 @@ class CopernicaStandIn:
         self.access_token = access_token
         self.put_status = put_status
         self.jwt_lifetime = jwt_lifetime
+        # Seconds between finding the matches of a PUT database profiles and
+        # writing (or creating) them. The brief infers that Copernica's upsert
+        # is not atomic; a window > 0 lets two concurrent create=1 PUTs for
+        # one new key both create a profile, as the real API may.
+        self.upsert_window = upsert_window
 
         self._database_fields = {
             int(database): list(names) for database, names in (databases or {}).items()
@@ -661,6 +667,11 @@ class CopernicaStandIn:
             filters = self._parse_filters(expressions, field_names)
             profiles = self._profiles[database_id].values()
             matches = [item for item in profiles if _matches_all(item, filters)]
+
+        if self.upsert_window > 0:
+            time.sleep(self.upsert_window)
+
+        with self._cond:
             for profile in matches:
                 profile["fields"].update(updates)
                 profile["modified"] = _now()

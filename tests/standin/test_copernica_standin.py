@@ -809,3 +809,26 @@ def test_faults_are_recorded_with_the_status_sent(standin):
 
     assert response.json() == {"error": {"message": "slow down"}}
     assert standin.wait_for_requests(1)[0].status == 429
+
+
+def test_upsert_window_lets_two_concurrent_creates_make_two_profiles():
+    import threading
+
+    with CopernicaStandIn(
+        access_token="t", databases={1: ["email"]}, upsert_window=0.3
+    ) as standin:
+        url = (
+            f"{standin.base_url}/v1/database/1/profiles?"
+            "fields[]=email%3D%3Dnew%40example.com&create=1&access_token=t"
+        )
+
+        def put():
+            requests.put(url, json={"email": "new@example.com"}, timeout=5)
+
+        threads = [threading.Thread(target=put) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+        assert len(standin.profiles(1)) == 2

@@ -1,0 +1,380 @@
+"""Faults on the way to Copernica, and what each one leaves behind.
+
+Each test states the events it sends, then checks the exact requests the
+stand-in received and the profiles it ends with: nothing lost, nothing
+applied twice, the newest data wins. The module has its own Redis (it is
+restarted here) and starts and kills worker processes per test.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import redis
+
+from app.intake import DEDUPE_PREFIX
+from tests.harness import (
+    COPERNICA_TOKEN,
+    ROOT,
+    Relay,
+    relay_env,
+    shopify_headers,
+    wait_for_job,
+)
+from tests.standin.copernica import CopernicaStandIn, Fault
+from tools.embedded_redis import RedisServer
+
+pytestmark = pytest.mark.e2e
+
+FIELDS = [
+    "email",
+    "firstname",
+    "lastname",
+    "phone",
+    "shopify_customer_id",
+    "city",
+    "country",
+]
+
+
+@pytest.fixture(scope="module")
+def own_redis(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("faults-redis"), unix_socket=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def standin():
+    # The upsert window makes concurrent create=1 PUTs race, as they may on
+    # the real API; only the relay's per-profile lock prevents duplicates.
+    with CopernicaStandIn(
+        access_token=COPERNICA_TOKEN,
+        databases={1234: FIELDS},
+        put_status=303,
+        upsert_window=0.3,
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def relay(own_redis, standin, tmp_path_factory):
+    relay = Relay(
+        env=relay_env(
+            own_redis.url,
+            standin.base_url,
+            RELAY_RETRY_SCHEDULE="1,1,1,5",
+            COPERNICA_CONNECT_TIMEOUT="1",
+            COPERNICA_READ_TIMEOUT="2",
+            RELAY_JOB_TIMEOUT="6",
+            RELAY_RECOVERY_INTERVAL="1",
+        ),
+        log_dir=tmp_path_factory.mktemp("faults-logs"),
+    )
+    relay.start_web()
+    yield relay
+    relay.stop()
+
+
+@pytest.fixture
+def workers(relay):
+    """Start worker processes on demand; all are stopped after the test."""
+    started = []
+
+    def start(count=1):
+        for _ in range(count):
+            started.append(relay.start_worker())
+        return started[-count:]
+
+    yield start
+    for worker in started:
+        worker.stop()
+    relay.workers.clear()
+
+
+@pytest.fixture
+def client(own_redis):
+    connection = redis.Redis.from_url(own_redis.url)
+    yield connection
+    connection.close()
+
+
+def customer(email, updated_at, firstname, number=1):
+    return json.dumps(
+        {
+            "id": number,
+            "email": email,
+            "first_name": firstname,
+            "updated_at": updated_at,
+        }
+    ).encode()
+
+
+def send(relay, body, topic="customers/update", delivery_id=None):
+    response = relay.post("shopify", body, shopify_headers(body, topic, delivery_id))
+    assert response.status_code == 202, response.text
+    return response.json()["job"]
+
+
+def profiles_with(standin, email):
+    return [p for p in standin.profiles(1234) if p["fields"]["email"] == email]
+
+
+def wait_for_arrivals(standin, count, timeout=10.0):
+    """Wait until requests have arrived, answered or not."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(standin.requests) >= count:
+            return standin.requests
+        time.sleep(0.05)
+    raise AssertionError(f"{len(standin.requests)} requests arrived, not {count}")
+
+
+def test_429_with_retry_after_is_retried_no_sooner(relay, standin, client, workers):
+    workers()
+    standin.add_fault(Fault(status=429, headers={"Retry-After": "2"}))
+
+    job = wait_for_job(client, send(relay, customer("r429@example.com", None, "A")))
+
+    assert job.get_status() == "finished"
+    first, second = standin.requests
+    assert (first.status, second.status) == (429, 303)
+    assert 2.0 <= second.received_at - first.received_at < 4.5
+
+
+def test_huge_retry_after_is_capped_at_the_longest_delay(
+    relay, standin, client, workers
+):
+    workers()
+    standin.add_fault(Fault(status=429, headers={"Retry-After": "86400"}))
+
+    job = wait_for_job(
+        client, send(relay, customer("huge@example.com", None, "A")), timeout=20
+    )
+
+    assert job.get_status() == "finished"
+    first, second = standin.requests
+    # The schedule here is 1,1,1,5: a day-long Retry-After waits 5 s.
+    assert 5.0 <= second.received_at - first.received_at < 8.0
+
+
+def test_connection_that_never_answers_times_out_and_is_retried(
+    relay, standin, client, workers
+):
+    workers()
+    standin.add_fault(Fault(hang=True))
+
+    job = wait_for_job(client, send(relay, customer("hang@example.com", None, "H")))
+
+    assert job.get_status() == "finished"
+    assert [r.status for r in standin.requests] == [None, 303]
+    assert len(profiles_with(standin, "hang@example.com")) == 1
+
+
+def test_retries_run_out_into_the_failed_list_with_the_reason(
+    relay, standin, client, workers
+):
+    workers()
+    standin.add_fault(Fault(status=503, times=5))
+
+    job = wait_for_job(
+        client, send(relay, customer("down@example.com", None, "D")), timeout=30
+    )
+
+    assert job.get_status() == "failed"
+    assert [r.status for r in standin.requests] == [503] * 5
+    assert job.meta["reason"].startswith(
+        "shopify-customer: gave up after 5 attempts; last: Copernica answered 503"
+    )
+    assert profiles_with(standin, "down@example.com") == []
+
+
+def test_worker_killed_mid_request_leaves_the_delivery_to_another(
+    relay, standin, client, workers
+):
+    [doomed] = workers()
+    standin.add_fault(Fault(hang=True))
+    job_id = send(relay, customer("killed@example.com", None, "K"))
+    wait_for_arrivals(standin, 1)
+
+    doomed.stop(signal.SIGKILL)
+    workers()  # the survivor finds the abandoned delivery and runs it again
+    job = wait_for_job(client, job_id, timeout=30)
+
+    assert job.get_status() == "finished", relay.logs()[-3000:]
+    assert job.meta["abandoned"] == 1
+    assert [r.status for r in standin.requests] == [None, 303]
+    assert len(profiles_with(standin, "killed@example.com")) == 1
+
+
+def test_sigterm_lets_the_worker_finish_the_delivery_in_hand(
+    relay, standin, client, workers
+):
+    [worker] = workers()
+    standin.add_fault(Fault(status=None, delay=1.2))  # under the 2 s read timeout
+    job_id = send(relay, customer("term@example.com", None, "T"))
+    wait_for_arrivals(standin, 1)
+
+    worker.process.send_signal(signal.SIGTERM)
+    code = worker.process.wait(15)
+    job = wait_for_job(client, job_id, timeout=5)
+
+    assert code == 0
+    assert job.get_status() == "finished"
+    assert [r.status for r in standin.requests] == [303]
+
+
+def test_events_waiting_in_redis_survive_a_redis_restart(
+    relay, standin, client, workers, own_redis
+):
+    emails = [f"restart{n}@example.com" for n in range(3)]
+    jobs = [
+        send(relay, customer(email, None, "R", number=n))
+        for n, email in enumerate(emails)
+    ]
+    time.sleep(1.5)  # appendfsync everysec
+
+    own_redis.stop()
+    own_redis.start()
+    workers()
+
+    for job_id in jobs:
+        assert wait_for_job(client, job_id).get_status() == "finished"
+    assert sorted(r.query_values("fields[]")[0] for r in standin.requests) == [
+        f"email=={email}" for email in emails
+    ]
+    for email in emails:
+        assert len(profiles_with(standin, email)) == 1
+
+
+def test_events_for_one_customer_sent_newest_first_keep_the_newest(
+    relay, standin, client, workers
+):
+    workers()
+    newer = customer("order@example.com", "2026-08-14T10:21:03+02:00", "Newer")
+    older = customer("order@example.com", "2026-08-14T10:15:27+02:00", "Older")
+
+    first = wait_for_job(client, send(relay, newer, "customers/update"))
+    second = wait_for_job(client, send(relay, older, "customers/create"))
+
+    assert first.return_value()["outcome"] == "applied"
+    assert second.return_value()["outcome"] == "skipped"
+    assert "older than the newest event" in second.return_value()["calls"][0]["reason"]
+    assert len(standin.requests) == 1
+    [profile] = profiles_with(standin, "order@example.com")
+    assert profile["fields"]["firstname"] == "Newer"
+
+
+def test_two_events_for_a_new_email_on_two_workers_make_one_profile(
+    relay, standin, client, workers
+):
+    workers(2)
+    time.sleep(1.0)  # both workers listening
+    bodies = [
+        customer("race@example.com", "2026-08-14T10:00:00+00:00", "First"),
+        customer("race@example.com", "2026-08-14T10:00:05+00:00", "Second"),
+    ]
+    job_ids = []
+    threads = [
+        threading.Thread(target=lambda b=b: job_ids.append(send(relay, b)))
+        for b in bodies
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    for job_id in job_ids:
+        wait_for_job(client, job_id, timeout=20)
+
+    [profile] = profiles_with(standin, "race@example.com")
+    assert profile["fields"]["firstname"] == "Second"
+    assert "profile busy" in relay.logs() or len(standin.requests) == 1
+
+
+def test_replay_after_the_dedupe_window_does_not_undo_a_newer_change(
+    relay, standin, client, workers
+):
+    workers()
+    old = customer("replay@example.com", "2026-08-14T10:00:00+00:00", "Old")
+    new = customer("replay@example.com", "2026-08-14T11:00:00+00:00", "New")
+    wait_for_job(client, send(relay, old, delivery_id="replayed-delivery"))
+    wait_for_job(client, send(relay, new))
+
+    for key in client.scan_iter(f"{DEDUPE_PREFIX}*"):
+        client.delete(key)  # as if 72 hours had passed
+    replay = wait_for_job(client, send(relay, old, delivery_id="replayed-delivery"))
+
+    assert replay.return_value()["outcome"] == "skipped"
+    assert len(standin.requests) == 2
+    [profile] = profiles_with(standin, "replay@example.com")
+    assert profile["fields"]["firstname"] == "New"
+
+
+def relay_cli(relay, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args],
+        cwd=ROOT,
+        env=relay.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_failed_delivery_is_listed_masked_requeued_and_delivered(
+    relay, standin, client, workers
+):
+    workers()
+    standin.add_fault(Fault(status=400, message="No database with supplied ID"))
+    job_id = send(relay, customer("fixme@example.com", None, "F"))
+    assert wait_for_job(client, job_id).get_status() == "failed"
+
+    listed = relay_cli(relay, "failed", "list", "--source", "shopify", "--json")
+    [row] = [
+        json.loads(line)
+        for line in listed.stdout.splitlines()
+        if json.loads(line)["job"] == job_id
+    ]
+    assert row["reason"].startswith(
+        "shopify-customer: Copernica answered 400: No database with supplied ID"
+    )
+    assert row["attempts"] == 1
+    assert "fixme@" not in listed.stdout
+
+    shown = relay_cli(relay, "failed", "show", job_id)
+    assert json.loads(shown.stdout)["topic"] == "customers/update"
+
+    requeued = relay_cli(relay, "failed", "requeue", job_id)
+    assert requeued.returncode == 0, requeued.stderr
+    job = wait_for_job(client, job_id)
+    assert job.get_status() == "finished"
+    assert [r.status for r in standin.requests] == [400, 303]
+    assert len(profiles_with(standin, "fixme@example.com")) == 1
+
+
+def test_purge_needs_a_choice_and_removes_what_was_chosen(
+    relay, standin, client, workers
+):
+    workers()
+    standin.add_fault(Fault(status=400, message="Invalid data provided"))
+    job_id = send(relay, customer("purge@example.com", None, "P"))
+    wait_for_job(client, job_id)
+
+    refused = relay_cli(relay, "failed", "purge")
+    assert refused.returncode != 0
+    assert "name job or delivery ids" in refused.stderr
+
+    purged = relay_cli(
+        relay, "failed", "purge", "--topic", "customers/update", "--since", "2020-01-01"
+    )
+    assert purged.returncode == 0, purged.stderr
+    assert job_id not in relay_cli(relay, "failed", "list").stdout
+    assert not client.exists(f"rq:job:{job_id}")

@@ -1,0 +1,67 @@
+"""Event times, and the profile lock and order marks against a real Redis."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker.profiles import ProfileGuard, event_time, parse_time, selector_digest
+
+
+def test_shopify_event_time_prefers_updated_at_over_the_trigger_time():
+    body = {"updated_at": "2026-08-14T10:21:03+02:00"}
+    assert event_time(body, "2026-08-14T09:00:00Z", "shopify") == parse_time(
+        "2026-08-14T08:21:03Z"
+    )
+    assert event_time({}, "2026-08-14T08:24:42.118309517Z", "shopify") == (
+        parse_time("2026-08-14T08:24:42.118309Z")
+    )
+    assert event_time({"updated_at": "garbage"}, None, "shopify") is None
+
+
+def test_typeform_event_time_is_submitted_at():
+    assert event_time(
+        {"updated_at": "2030-01-01T00:00:00Z"}, "2026-08-14T08:06:47Z", "typeform"
+    ) == parse_time("2026-08-14T08:06:47+00:00")
+
+
+def test_selector_digest_ignores_field_name_case_only():
+    a = selector_digest("1", (("email", "A@x.se"),))
+    assert a == selector_digest("1", (("EMAIL", "A@x.se"),))
+    assert a != selector_digest("1", (("email", "a@x.se"),))
+    assert a != selector_digest("2", (("email", "A@x.se"),))
+
+
+@pytest.fixture
+def guard(redis_client):
+    def make():
+        return ProfileGuard(
+            redis_client,
+            "1",
+            (("email", "g@example.com"),),
+            lock_seconds=5,
+            mark_ttl_seconds=60,
+        )
+
+    yield make
+    for key in redis_client.scan_iter("relay:*"):
+        redis_client.delete(key)
+
+
+def test_one_holder_at_a_time_and_only_the_holder_releases(guard):
+    first, second = guard(), guard()
+    assert first.acquire()
+    assert not second.acquire()
+    second.release()  # not the holder: nothing happens
+    assert not second.acquire()
+    first.release()
+    assert second.acquire()
+
+
+def test_marks_only_move_forward_and_are_kept_per_rule(guard, redis_client):
+    g = guard()
+    assert g.mark("rule-a") is None
+    assert g.raise_mark("rule-a", 200.5) == 200.5
+    assert g.raise_mark("rule-a", 100.0) == 200.5
+    assert g.mark("rule-a") == 200.5
+    assert g.mark("rule-b") is None
+    assert 0 < redis_client.ttl(g._mark_key("rule-a")) <= 60
