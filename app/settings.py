@@ -20,6 +20,16 @@ SOURCES = ("shopify", "typeform")
 DEFAULT_MAX_BODY_BYTES = 5 * 1024 * 1024
 DEFAULT_DEDUPE_TTL_SECONDS = 72 * 3600
 DEFAULT_COPERNICA_BASE_URL = "https://api.copernica.com"
+DEFAULT_COPERNICA_AUTH_URL = "https://authenticate.copernica.com"
+
+#: Calls per second and calls in flight toward Copernica, shared by every
+#: worker process. Copernica documents no limit but answers overload with
+#: 503/504 pages; 0 turns a limit off.
+DEFAULT_COPERNICA_MAX_RPS = 20
+DEFAULT_COPERNICA_MAX_CONCURRENCY = 8
+
+#: How long a database's field list is trusted before it is fetched again.
+DEFAULT_SCHEMA_TTL_SECONDS = 3600
 DEFAULT_QUEUE_NAME = "deliveries"
 
 #: How long a finished delivery's job and result stay readable in Redis.
@@ -75,6 +85,10 @@ class Settings:
     copernica_api_version: int = 1
     copernica_access_token: str | None = field(default=None, repr=False)
     copernica_database: str | None = None
+    copernica_auth_url: str = DEFAULT_COPERNICA_AUTH_URL
+    copernica_max_rps: float = DEFAULT_COPERNICA_MAX_RPS
+    copernica_max_concurrency: int = DEFAULT_COPERNICA_MAX_CONCURRENCY
+    schema_ttl_seconds: int = DEFAULT_SCHEMA_TTL_SECONDS
     redis_tls_verify: bool = True
     log_level: str = "INFO"
     connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS
@@ -108,6 +122,8 @@ class Settings:
             "copernica_base_url": self.copernica_base_url,
             "copernica_api_version": self.copernica_api_version,
             "copernica_database": self.copernica_database,
+            "copernica_max_rps": self.copernica_max_rps,
+            "copernica_max_concurrency": self.copernica_max_concurrency,
             "redis_tls_verify": self.redis_tls_verify,
             "dry_run": self.dry_run,
             "retry_schedule_seconds": list(self.retry_schedule_seconds),
@@ -151,6 +167,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     base_url = env.get("COPERNICA_BASE_URL", "").strip() or DEFAULT_COPERNICA_BASE_URL
     if not base_url.startswith(("https://", "http://")):
         problems.append(f"COPERNICA_BASE_URL must be an http(s) URL, got {base_url!r}")
+
+    auth_url = env.get("COPERNICA_AUTH_URL", "").strip() or DEFAULT_COPERNICA_AUTH_URL
+    if not auth_url.startswith(("https://", "http://")):
+        problems.append(f"COPERNICA_AUTH_URL must be an http(s) URL, got {auth_url!r}")
 
     mappings_path = Path(env.get("RELAY_MAPPINGS", "").strip() or BUNDLED_MAPPINGS)
     if not mappings_path.is_file():
@@ -203,6 +223,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         copernica_api_version=api_version,
         copernica_access_token=env.get("COPERNICA_ACCESS_TOKEN", "").strip() or None,
         copernica_database=env.get("COPERNICA_DATABASE", "").strip() or None,
+        copernica_auth_url=auth_url,
+        copernica_max_rps=number(
+            "COPERNICA_MAX_RPS", DEFAULT_COPERNICA_MAX_RPS, float, 0
+        ),
+        copernica_max_concurrency=number(
+            "COPERNICA_MAX_CONCURRENCY", DEFAULT_COPERNICA_MAX_CONCURRENCY, int, 0
+        ),
+        schema_ttl_seconds=number("RELAY_SCHEMA_TTL", DEFAULT_SCHEMA_TTL_SECONDS),
         connect_timeout_seconds=connect_timeout,
         read_timeout_seconds=read_timeout,
         retry_schedule_seconds=schedule,
@@ -217,7 +245,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return settings
 
 
-SUPPORTED_API_VERSIONS = (1,)
+SUPPORTED_API_VERSIONS = (1, 4)
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 

@@ -227,3 +227,22 @@ def wait_for_job(
             return job
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} still {status} after {timeout} s")
+
+
+def writes(standin) -> list:
+    """The calls that change Copernica (PUT, POST, DELETE), in arrival order.
+
+    Reads of the field list and profile look-ups are left out: they come and
+    go with the relay's schema cache, and do not change what Copernica holds.
+    """
+    return [r for r in standin.requests if r.method in ("PUT", "POST", "DELETE")]
+
+
+def wait_for_writes(standin, count: int, timeout: float = 10.0) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = writes(standin)
+        if len(found) >= count and all(r.status is not None for r in found[:count]):
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"{len(writes(standin))} writes arrived, not {count}")

@@ -1,26 +1,29 @@
 """Copernica REST calls: building them (pure) and sending them (the socket edge).
 
-An API version is a small class that knows three things: where a call goes,
-how the body is shaped and how the caller authenticates. Everything else, the
+An API version is a small class that knows where a call goes, how a profile
+body is shaped and how the caller authenticates. Everything else, the
 selector encoding, the status rules and the sending, is shared, so adding a
-version is an addition, not a rewrite.
+version is an addition, not a rewrite. Version 1 is the starting page's: the
+token in the ``access_token`` query parameter and a flat body. Version 4
+sends ``Authorization: Bearer <JWT>`` (the token exchanged at
+authenticate.copernica.com) and wraps profile fields as ``{"fields": {...}}``.
 
-The access token is attached only at the moment of sending and never stored
-in a call, a result or an error message: v1 carries it in the URL, and URLs
+Credentials are attached only at the moment of sending and never stored in a
+call, a result or an error message: v1 carries the token in the URL, and URLs
 end up in exception texts, logs and, on a 303, in Copernica's Location header.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, quote_plus
 
 import requests
-
-from worker.mapping import ProfileUpdate
 
 #: Answers that mean Copernica took the call. A 303 is success on v1/v2 and is
 #: never followed: following it would turn the PUT into a GET.
@@ -29,8 +32,16 @@ SUCCESS_STATUSES = frozenset({200, 201, 204, 303})
 #: Answers worth trying again later; any other status is permanent.
 RETRYABLE_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
 
+#: Answers that mean "slow down" for every worker, not only this call.
+OVERLOAD_STATUSES = frozenset({429, 503, 504})
+
 #: How much of an unexpected answer body is kept for the operator to read.
 ERROR_TEXT_LIMIT = 300
+
+#: Most items one list call returns (Copernica's own maximum).
+PAGE_LIMIT = 1000
+
+Selector = tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,7 @@ class Answer:
     created_id: str | None = None
     message: str | None = None
     retry_after: str | None = None
+    data: Any = None  # the parsed JSON of a successful GET
 
     @property
     def ok(self) -> bool:
@@ -72,9 +84,25 @@ class Answer:
     def retryable(self) -> bool:
         return self.status in RETRYABLE_STATUSES
 
+    @property
+    def overload(self) -> bool:
+        return self.status in OVERLOAD_STATUSES
+
+    @property
+    def auth_failed(self) -> bool:
+        # Copernica answers a bad v1-v3 token with an ordinary 400; what v4
+        # answers for an expired JWT is undocumented, so 401 counts too.
+        return self.status == 401 or (
+            self.status == 400 and "access token" in (self.message or "").lower()
+        )
+
 
 class TransportError(Exception):
     """No answer at all (refused, reset, timed out); always worth a retry."""
+
+
+class AuthenticationRefused(Exception):
+    """Copernica refused the access token itself; no retry will help."""
 
 
 def encode_query(params: tuple[tuple[str, str], ...]) -> str:
@@ -87,14 +115,16 @@ def encode_query(params: tuple[tuple[str, str], ...]) -> str:
     )
 
 
-def selector_params(
-    selector: tuple[tuple[str, str], ...],
-) -> tuple[tuple[str, str], ...]:
+def selector_params(selector: Selector) -> tuple[tuple[str, str], ...]:
     return tuple(("fields[]", f"{name}=={value}") for name, value in selector)
 
 
 def _flag(value: bool) -> str:
     return "1" if value else "0"
+
+
+def _segment(value: str | int) -> str:
+    return quote(str(value), safe="")
 
 
 @dataclass(frozen=True)
@@ -103,27 +133,191 @@ class ApiV1:
 
     version: int = 1
 
-    def profile_put(self, update: ProfileUpdate, database: str) -> Call:
-        params = selector_params(update.selector) + (
-            ("create", _flag(update.create)),
-            ("async", _flag(update.async_)),
+    def _path(self, *segments: str | int) -> str:
+        return f"/v{self.version}/" + "/".join(_segment(s) for s in segments)
+
+    def profile_put(
+        self,
+        database: str,
+        selector: Selector,
+        fields: Mapping[str, Any],
+        create: bool,
+        async_: bool,
+    ) -> Call:
+        params = selector_params(selector) + (
+            ("create", _flag(create)),
+            ("async", _flag(async_)),
         )
         return Call(
-            method="PUT",
-            path=f"/v{self.version}/database/{quote(database, safe='')}/profiles",
-            params=params,
-            body=self.profile_body(update),
+            "PUT",
+            self._path("database", database, "profiles"),
+            params,
+            self.profile_body(fields),
         )
 
-    def profile_body(self, update: ProfileUpdate) -> Mapping[str, Any]:
-        return dict(update.fields)
+    def profile_body(self, fields: Mapping[str, Any]) -> Mapping[str, Any]:
+        return dict(fields)
 
-    def authenticate(self, call: Call, token: str) -> tuple[str, dict[str, str]]:
-        """The query string and headers that carry the token for this version."""
-        return encode_query(call.params + (("access_token", token),)), {}
+    def profiles_get(self, database: str, selector: Selector, limit: int = 2) -> Call:
+        params = selector_params(selector) + (("limit", str(limit)),)
+        return Call("GET", self._path("database", database, "profiles"), params)
+
+    def fields_get(self, database: str, start: int = 0) -> Call:
+        params = (("start", str(start)), ("limit", str(PAGE_LIMIT)))
+        return Call("GET", self._path("database", database, "fields"), params)
+
+    def collections_get(self, database: str) -> Call:
+        params = (("limit", str(PAGE_LIMIT)),)
+        return Call("GET", self._path("database", database, "collections"), params)
+
+    def subprofile_put(
+        self,
+        profile_id: str,
+        collection: str,
+        selector: Selector,
+        fields: Mapping[str, Any],
+    ) -> Call:
+        # No async here: Copernica does not support it on this call. The body
+        # is flat in every version.
+        params = selector_params(selector) + (("create", "1"),)
+        path = self._path("profile", profile_id, "subprofiles", collection)
+        return Call("PUT", path, params, dict(fields))
+
+    def profile_fields_put(self, profile_id: str, fields: Mapping[str, Any]) -> Call:
+        return Call(
+            "PUT", self._path("profile", profile_id, "fields"), (), dict(fields)
+        )
+
+    def profile_delete(self, profile_id: str) -> Call:
+        return Call("DELETE", self._path("profile", profile_id))
+
+    def credentials(self, call: Call, secret: str) -> tuple[str, dict[str, str]]:
+        """The query string and headers that carry the secret for this version."""
+        return encode_query(call.params + (("access_token", secret),)), {}
 
 
-API_VERSIONS = {1: ApiV1()}
+@dataclass(frozen=True)
+class ApiV4(ApiV1):
+    """The current version: a JWT in the Authorization header, wrapped body."""
+
+    version: int = 4
+
+    def profile_body(self, fields: Mapping[str, Any]) -> Mapping[str, Any]:
+        return {"fields": dict(fields)}
+
+    def credentials(self, call: Call, secret: str) -> tuple[str, dict[str, str]]:
+        return encode_query(call.params), {"Authorization": f"Bearer {secret}"}
+
+
+API_VERSIONS = {1: ApiV1(), 4: ApiV4()}
+
+
+class Credentials(Protocol):
+    def current(self) -> str: ...
+    def renew(self) -> str | None: ...
+    def secrets(self) -> list[str]: ...
+
+
+@dataclass
+class StaticToken:
+    """v1-v3: the access token itself; nothing to renew."""
+
+    token: str = field(repr=False)
+
+    def current(self) -> str:
+        return self.token
+
+    def renew(self) -> str | None:
+        return None
+
+    def secrets(self) -> list[str]:
+        return [self.token]
+
+
+#: A JWT is renewed when less than this is left of its life (it lives 24 h;
+#: Copernica suggests fetching a new one every 6 h or so).
+JWT_RENEW_BEFORE_SECONDS = 6 * 3600
+
+#: Assumed life of a JWT whose expiry cannot be read.
+JWT_DEFAULT_LIFETIME_SECONDS = 24 * 3600
+
+JWT_CACHE_KEY = "relay:copernica-jwt"
+
+
+@dataclass
+class JwtSource:
+    """v4: a JWT exchanged for the access token, shared by all workers in Redis."""
+
+    connection: Any  # redis.Redis
+    auth_url: str
+    token: str = field(repr=False)
+    timeouts: tuple[float, float] = (5.0, 20.0)
+    session: requests.Session = field(default_factory=requests.Session, repr=False)
+    _jwt: str | None = field(default=None, repr=False)
+
+    def current(self) -> str:
+        cached = self.connection.get(JWT_CACHE_KEY)
+        if cached:
+            self._jwt = cached.decode()
+            return self._jwt
+        return self.renew()
+
+    def renew(self) -> str:
+        try:
+            response = self.session.post(
+                self.auth_url,
+                data={"access_token": self.token},
+                timeout=self.timeouts,
+                allow_redirects=False,
+            )
+        except requests.RequestException as error:
+            raise TransportError(
+                f"token exchange failed ({type(error).__name__})"
+            ) from None
+        with response:
+            if response.status_code in RETRYABLE_STATUSES:
+                raise TransportError(f"token exchange answered {response.status_code}")
+            if response.status_code != 200:
+                raise AuthenticationRefused(
+                    f"Copernica refused the access token ({response.status_code})"
+                )
+            jwt = _jwt_from(response)
+
+        lifetime = _seconds_left(jwt)
+        cache_for = max(60, int(lifetime - JWT_RENEW_BEFORE_SECONDS))
+        self.connection.set(JWT_CACHE_KEY, jwt, ex=cache_for)
+        self._jwt = jwt
+        return jwt
+
+    def secrets(self) -> list[str]:
+        return [self.token] + ([self._jwt] if self._jwt else [])
+
+
+def _jwt_from(response: requests.Response) -> str:
+    # The format of the answer is undocumented: a bare token or JSON.
+    text = response.text.strip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text
+    if isinstance(data, dict):
+        for name in ("access_token", "token", "jwt"):
+            if isinstance(data.get(name), str):
+                return data[name]
+    if isinstance(data, str):
+        return data
+    raise AuthenticationRefused("token exchange answered no token")
+
+
+def _seconds_left(jwt: str) -> float:
+    try:
+        payload = jwt.split(".")[1]
+        claims = json.loads(
+            base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+        )
+        return float(claims["exp"]) - time.time()
+    except (IndexError, ValueError, KeyError, TypeError):
+        return JWT_DEFAULT_LIFETIME_SECONDS
 
 
 @dataclass
@@ -131,7 +325,7 @@ class CopernicaClient:
     """Sends calls over one kept-alive HTTP session, never following redirects."""
 
     base_url: str
-    access_token: str = field(repr=False)
+    credentials: Credentials = field(repr=False)
     api: ApiV1
     connect_timeout: float
     read_timeout: float
@@ -145,8 +339,17 @@ class CopernicaClient:
         self.session.trust_env = False
 
     def send(self, call: Call) -> Answer:
-        query, headers = self.api.authenticate(call, self.access_token)
-        url = f"{self.base_url}{call.path}?{query}"
+        """Send once; on an authentication error renew the JWT and resend once."""
+        answer = self._send(call, self.credentials.current())
+        if answer.auth_failed:
+            renewed = self.credentials.renew()
+            if renewed is not None:
+                answer = self._send(call, renewed)
+        return answer
+
+    def _send(self, call: Call, secret: str) -> Answer:
+        query, headers = self.api.credentials(call, secret)
+        url = f"{self.base_url}{call.path}" + (f"?{query}" if query else "")
         data = None
         if call.body is not None:
             # ASCII JSON: any text, even a lone surrogate from a sender,
@@ -167,13 +370,13 @@ class CopernicaClient:
             raise TransportError(self._describe_error(error)) from None
 
         with response:
+            ok = response.status_code in SUCCESS_STATUSES
             return Answer(
                 status=response.status_code,
                 created_id=response.headers.get("X-Created"),
-                message=None
-                if response.status_code in SUCCESS_STATUSES
-                else self._error_message(response),
+                message=None if ok else self._error_message(response),
                 retry_after=response.headers.get("Retry-After"),
+                data=_json_or_none(response) if ok and call.method == "GET" else None,
             )
 
     def _describe_error(self, error: requests.RequestException) -> str:
@@ -199,11 +402,19 @@ class CopernicaClient:
     def _redact(self, text: str) -> str:
         # Copernica may echo the request, and with it the token, in any of
         # the forms a URL carries it.
-        for form in {
-            self.access_token,
-            quote(self.access_token, safe=""),
-            quote(self.access_token),
-            quote_plus(self.access_token),
-        }:
-            text = text.replace(form, "***")
+        for secret in self.credentials.secrets():
+            for form in {
+                secret,
+                quote(secret, safe=""),
+                quote(secret),
+                quote_plus(secret),
+            }:
+                text = text.replace(form, "***")
         return text
+
+
+def _json_or_none(response: requests.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None

@@ -1,15 +1,22 @@
 """The delivery job: one queued webhook becomes Copernica profile updates.
 
 RQ calls ``deliver`` with the delivery record. Every mapping rule that matches
-gives one PUT, made while holding that profile's lock and only if the event is
-not older than the newest one that rule already applied to the profile (see
-worker/profiles.py).
+gives one profile PUT (and, for a rule with a collection, one subprofile PUT
+per item), made:
+
+- only if every field it names exists in the target database (worker/schema);
+- while holding that profile's lock, and only if the event is not older than
+  the newest one that rule already applied to the profile (worker/profiles);
+- within the calls per second and in flight that all workers share
+  (worker/limits).
+
+Shopify's privacy topics are handled apart (worker/privacy).
 
 What a later run needs is kept in the job's meta: the calls already applied
-(never repeated on a retry), the failures so far (they pick the delay from
-the retry schedule) and, for a failed delivery, the reason. A retryable
-failure returns an RQ ``Retry`` with that delay: the worker's scheduler brings
-the job back, nothing sleeps here. A permanent one raises DeliveryFailed,
+(never repeated), the failures so far (they pick the delay from the retry
+schedule) and, for a failed delivery, the reason. A retryable failure returns
+an RQ ``Retry``: the worker's scheduler brings the job back, nothing sleeps
+here beyond a second for a call slot. A permanent one raises DeliveryFailed,
 which leaves the job in RQ's failed registry for the operator to read and
 replay.
 """
@@ -17,6 +24,7 @@ replay.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -24,22 +32,38 @@ from datetime import UTC, datetime
 from functools import cache
 from typing import Any
 
-from rq import Retry, get_current_job
+from rq import Queue, Retry, get_current_job
 
 from app.deliveries import Delivery
 from app.logs import mask_fields, mask_selector
 from app.settings import Settings, load_settings
-from worker.copernica import API_VERSIONS, Call, CopernicaClient, TransportError
+from worker import privacy as privacy_topics
+from worker.copernica import (
+    API_VERSIONS,
+    Answer,
+    AuthenticationRefused,
+    Call,
+    CopernicaClient,
+    JwtSource,
+    StaticToken,
+    TransportError,
+)
+from worker.limits import SharedLimiter
 from worker.mapping import (
     MappedValueError,
+    PrivacyRule,
     ProfileUpdate,
     Rule,
     Skipped,
+    SubprofileUpdate,
     apply_rules,
+    load_privacy,
     load_rules,
+    privacy_selectors,
 )
 from worker.profiles import ProfileGuard, event_time
 from worker.retry import next_delay, parse_retry_after
+from worker.schema import SchemaCache, SchemaUnavailable
 
 log = logging.getLogger("relay.worker")
 
@@ -61,16 +85,26 @@ PROFILE_BUSY_DELAY_SECONDS = 1
 #: that dies holding it blocks the profile for seconds, not forever.
 LOCK_GRACE_SECONDS = 2
 
+#: Profiles matched for a privacy request, at most.
+REDACT_MATCH_LIMIT = 100
+
 
 class DeliveryFailed(Exception):
     """The delivery cannot succeed as it is; the message says why, for people."""
+
+
+class ComeBack(Exception):
+    """End this run now and return this Retry (a failure, a busy profile...)."""
+
+    def __init__(self, retry: Retry):
+        self.retry = retry
 
 
 @dataclass(frozen=True)
 class WorkerContext:
     settings: Settings
     rules: list[Rule]
-    client: CopernicaClient | None  # None when running dry
+    privacy: PrivacyRule
 
 
 @cache
@@ -78,16 +112,39 @@ def context() -> WorkerContext:
     """Settings, mapping and HTTP session, built once per worker process."""
     settings = load_settings()
     rules = load_rules(settings)
-    client = None
-    if not settings.dry_run:
-        client = CopernicaClient(
+    privacy = load_privacy(settings.mappings_path, settings.copernica_database)
+    return WorkerContext(settings, rules, privacy)
+
+
+def client_for(ctx: WorkerContext, connection) -> CopernicaClient | None:
+    """The process's Copernica client (None when dry), built on first use."""
+    global _client
+    settings = ctx.settings
+    if settings.dry_run:
+        return None
+    if _client is None:
+        api = API_VERSIONS[settings.copernica_api_version]
+        timeouts = (settings.connect_timeout_seconds, settings.read_timeout_seconds)
+        if api.version >= 4:
+            credentials = JwtSource(
+                connection,
+                settings.copernica_auth_url,
+                settings.copernica_access_token,
+                timeouts,
+            )
+        else:
+            credentials = StaticToken(settings.copernica_access_token)
+        _client = CopernicaClient(
             base_url=settings.copernica_base_url,
-            access_token=settings.copernica_access_token,
-            api=API_VERSIONS[settings.copernica_api_version],
+            credentials=credentials,
+            api=api,
             connect_timeout=settings.connect_timeout_seconds,
             read_timeout=settings.read_timeout_seconds,
         )
-    return WorkerContext(settings, rules, client)
+    return _client
+
+
+_client: CopernicaClient | None = None
 
 
 @dataclass
@@ -95,13 +152,188 @@ class Attempt:
     """One run of a delivery job, and what it carries over to the next run."""
 
     facts: dict[str, Any]
-    done: dict[str, Any]  # rule -> result of calls already applied or skipped
+    done: dict[str, Any]  # call label -> result of calls applied or skipped
     failures: int  # earlier runs that ended in a retryable failure
     deadline: float  # monotonic time by which the job must have returned
     event_time: float | None  # epoch seconds of the event, if the sender says
+    calls: int = 0  # calls made in this run
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
+
+
+class Run:
+    """The relay's machinery for one job run: client, schema, limiter, log."""
+
+    def __init__(self, ctx: WorkerContext, attempt: Attempt, connection, job):
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.attempt = attempt
+        self.connection = connection
+        self.job = job
+        self.client = client_for(ctx, connection)
+        self.last_duration_ms: int | None = None
+        self.schemas = (
+            SchemaCache(connection, self.client, self.settings.schema_ttl_seconds)
+            if self.client
+            else None
+        )
+        self.limiter = (
+            SharedLimiter(
+                connection,
+                self.settings.copernica_max_rps,
+                self.settings.copernica_max_concurrency,
+                slot_seconds=self.settings.job_timeout_seconds,
+            )
+            if self.client
+            else None
+        )
+
+    @property
+    def api(self):
+        return API_VERSIONS[self.settings.copernica_api_version]
+
+    # -- sending --------------------------------------------------------------
+
+    def send(self, call: Call, label: str) -> Answer:
+        """One call within the shared limits; transport errors become Answers
+        of status 0. Never starts a call that could outlive the job."""
+        worst_case = (
+            self.settings.connect_timeout_seconds + self.settings.read_timeout_seconds
+        )
+        if self.attempt.calls and self.attempt.remaining() < worst_case:
+            # RQ would kill a call that outlives the job's time, and count a
+            # timeout as a permanent failure; continue in a fresh run instead.
+            self.log("delivery continues in a new run", rule=label, outcome="continued")
+            raise ComeBack(Retry(max=RQ_RETRY_CEILING, interval=1))
+
+        wait = self.limiter.acquire()
+        if wait:
+            delay = max(1, math.ceil(wait))
+            self.log(
+                "call budget spent, delivery comes back shortly",
+                rule=label,
+                outcome="throttled",
+                retry_in_s=delay,
+            )
+            raise ComeBack(Retry(max=RQ_RETRY_CEILING, interval=delay))
+
+        self.attempt.calls += 1
+        started = time.monotonic()
+        try:
+            answer = self.client.send(call)
+        except TransportError as error:
+            answer = Answer(status=0, message=str(error))
+        except AuthenticationRefused as error:
+            self.fail(label, str(error), None)
+        finally:
+            self.limiter.release()
+        self.last_duration_ms = round((time.monotonic() - started) * 1000)
+        self.limiter.record(overload=answer.overload or answer.status == 0)
+        return answer
+
+    def require(self, answer: Answer, label: str) -> Answer:
+        """The answer if it succeeded; otherwise retry later or fail for good."""
+        if answer.ok:
+            return answer
+        problem = (
+            f"Copernica answered {answer.status}: {answer.message}"
+            if answer.status
+            else answer.message
+        )
+        timing = {"duration_ms": self.last_duration_ms}
+        if answer.status and not answer.retryable:
+            self.fail(
+                label,
+                f"{problem} (permanent, not retried; attempt "
+                f"{self.attempt.failures + 1})",
+                answer.status,
+            )
+
+        self.attempt.failures += 1
+        retry_after = parse_retry_after(answer.retry_after)
+        delay = next_delay(
+            self.attempt.failures - 1, self.settings.retry_schedule_seconds, retry_after
+        )
+        if delay is None:
+            self.fail(
+                label,
+                f"gave up after {self.attempt.failures} attempts; last: {problem}",
+                answer.status or None,
+            )
+        self.log(
+            "delivery will be retried",
+            rule=label,
+            outcome="retry",
+            status=answer.status or None,
+            reason=problem,
+            retry_in_s=delay,
+            level=logging.WARNING,
+            **timing,
+        )
+        raise ComeBack(Retry(max=RQ_RETRY_CEILING, interval=delay))
+
+    def fail(self, label: str, reason: str, status: int | None):
+        self.log(
+            "delivery failed",
+            rule=label,
+            outcome="failed",
+            status=status,
+            reason=reason,
+            level=logging.WARNING,
+        )
+        raise DeliveryFailed(f"{label}: {reason}")
+
+    # -- schema ---------------------------------------------------------------
+
+    def check_fields(self, label: str, database: str, update: ProfileUpdate) -> None:
+        """Fail for good if the update names a field the database lacks."""
+        problems = self._field_problems(database, update, fresh=False)
+        if problems:
+            # Perhaps the field was added a minute ago: ask Copernica again.
+            problems = self._field_problems(database, update, fresh=True)
+        if problems:
+            self.fail(
+                label,
+                "; ".join(problems) + " (fix the mapping or the "
+                "database, then requeue)",
+                None,
+            )
+
+    def _field_problems(self, database, update, fresh: bool) -> list[str]:
+        try:
+            schema = self.schemas.get(database, fresh=fresh)
+        except SchemaUnavailable as error:
+            answer = error.answer
+            if answer is not None and answer.status and not answer.retryable:
+                self.fail(update.rule, str(error), answer.status)
+            self.require(answer or Answer(status=0, message=str(error)), update.rule)
+        except TransportError as error:
+            self.require(Answer(status=0, message=str(error)), update.rule)
+
+        problems = []
+        where = f"database {database}"
+        for name in schema.missing([n for n, _ in update.selector], selector=True):
+            problems.append(f"key field {name!r} is not a field of {where}")
+        for name in schema.missing(update.fields):
+            problems.append(f"field {name!r} is not a field of {where}")
+        for sub in update.subprofiles:
+            if isinstance(sub, Skipped):
+                continue
+            names = [n for n, _ in sub.selector] + list(sub.fields)
+            missing = schema.missing_in_collection(sub.collection, names)
+            if missing is None:
+                problems.append(f"{where} has no collection {sub.collection!r}")
+            for name in missing or ():
+                problems.append(
+                    f"field {name!r} is not a field of collection {sub.collection!r}"
+                )
+        return sorted(set(problems))
+
+    # -- logging --------------------------------------------------------------
+
+    def log(self, event: str, level: int = logging.INFO, **more) -> None:
+        log.log(level, event, extra={"fields": {**self.attempt.facts, **more}})
 
 
 def deliver(record: dict[str, Any]) -> dict[str, Any] | Retry:
@@ -123,12 +355,21 @@ def deliver(record: dict[str, Any]) -> dict[str, Any] | Retry:
         deadline=time.monotonic() + timeout - JOB_TIME_MARGIN_SECONDS,
         event_time=event_time(delivery.body, delivery.event_at, delivery.source),
     )
+    run = Run(ctx, attempt, job.connection if job else None, job)
 
     finished = False
     try:
-        result = _deliver(ctx, delivery, attempt, job.connection if job else None)
-        finished = not isinstance(result, Retry)
+        if (
+            delivery.source == "shopify"
+            and delivery.topic in privacy_topics.PRIVACY_TOPICS
+        ):
+            result = _privacy(run, delivery)
+        else:
+            result = _deliver(run, delivery)
+        finished = True
         return result
+    except ComeBack as back:
+        return back.retry
     except DeliveryFailed as error:
         meta["reason"] = str(error)
         meta["failed_at"] = datetime.now(UTC).isoformat(timespec="seconds")
@@ -142,28 +383,23 @@ def deliver(record: dict[str, Any]) -> dict[str, Any] | Retry:
             job.save_meta()
 
 
-def _deliver(
-    ctx: WorkerContext, delivery: Delivery, attempt: Attempt, connection
-) -> dict[str, Any] | Retry:
+def _deliver(run: Run, delivery: Delivery) -> dict[str, Any]:
     try:
         outcomes = apply_rules(
-            ctx.rules, delivery.source, delivery.topic, delivery.body
+            run.ctx.rules, delivery.source, delivery.topic, delivery.body
         )
     except MappedValueError as error:
-        _log("delivery failed", attempt, outcome="failed", reason=str(error))
-        raise DeliveryFailed(str(error)) from None
+        run.fail("mapping", str(error), None)
 
     if not outcomes:
-        _log("delivery unmapped", attempt, outcome="unmapped")
+        run.log("delivery unmapped", outcome="unmapped")
         return {"outcome": "unmapped", "calls": []}
 
     results = []
-    calls_this_run = 0
     for outcome in outcomes:
         if isinstance(outcome, Skipped):
-            _log(
+            run.log(
                 "rule skipped",
-                attempt,
                 rule=outcome.rule,
                 outcome="skipped",
                 reason=outcome.reason,
@@ -171,192 +407,332 @@ def _deliver(
             results.append(
                 {"rule": outcome.rule, "outcome": "skipped", "reason": outcome.reason}
             )
-            continue
-        if outcome.rule in attempt.done:
-            results.append(attempt.done[outcome.rule])
-            continue
-
-        call = _profile_call(ctx, outcome)
-        if ctx.client is None:
-            _log(
-                "dry run: request not sent",
-                attempt,
-                rule=outcome.rule,
-                outcome="dry_run",
-                method=call.method,
-                path=call.path,
-                selector=mask_selector(outcome.selector),
-                create=outcome.create,
-                body=mask_fields(outcome.fields),
-                **{"async": outcome.async_},
-            )
-            results.append(
-                {"rule": outcome.rule, "outcome": "dry_run", "request": call.describe()}
-            )
-            continue
-
-        settings = ctx.settings
-        worst_case = settings.connect_timeout_seconds + settings.read_timeout_seconds
-        if calls_this_run and attempt.remaining() < worst_case:
-            # RQ would kill a call that outlives the job's time, and count a
-            # timeout as a permanent failure; continue in a fresh run instead.
-            _log(
-                "delivery continues in a new run",
-                attempt,
-                rule=outcome.rule,
-                outcome="continued",
-            )
-            return Retry(max=RQ_RETRY_CEILING, interval=1)
-
-        guard = ProfileGuard(
-            connection,
-            outcome.database or UNSET_DATABASE,
-            outcome.selector,
-            lock_seconds=settings.job_timeout_seconds + LOCK_GRACE_SECONDS,
-            mark_ttl_seconds=settings.order_ttl_seconds,
-        )
-        if not guard.acquire():
-            # Another delivery is writing this profile; two create=1 PUTs at
-            # once could create it twice. Come back shortly, not as a failure.
-            delay = PROFILE_BUSY_DELAY_SECONDS + random.randint(
-                0, PROFILE_BUSY_DELAY_SECONDS
-            )
-            _log(
-                "profile busy, delivery comes back shortly",
-                attempt,
-                rule=outcome.rule,
-                outcome="busy",
-                retry_in_s=delay,
-            )
-            return Retry(max=RQ_RETRY_CEILING, interval=delay)
-        try:
-            calls_this_run += 1
-            result = _apply_in_order(ctx, call, outcome, attempt, guard)
-        finally:
-            guard.release()
-        if isinstance(result, Retry):
-            return result
-        attempt.done[outcome.rule] = result
-        results.append(result)
-
+        elif run.client is None:
+            results.extend(_dry_run(run, outcome))
+        else:
+            results.extend(_update_profile(run, outcome))
     return {"outcome": _overall(results), "calls": results}
 
 
-def _apply_in_order(
-    ctx: WorkerContext,
-    call: Call,
-    update: ProfileUpdate,
-    attempt: Attempt,
-    guard: ProfileGuard,
-) -> dict[str, Any] | Retry:
-    """Send the call unless a newer event already reached this profile."""
-    moment = attempt.event_time
-    mark = guard.mark(update.rule) if moment is not None else None
-    if mark is not None and moment < mark:
-        reason = (
-            f"older than the newest event applied to this profile "
-            f"({_iso(moment)} < {_iso(mark)})"
-        )
-        _log(
-            "rule skipped", attempt, rule=update.rule, outcome="skipped", reason=reason
-        )
-        return {"rule": update.rule, "outcome": "skipped", "reason": reason}
-
-    result = _send(ctx, call, update, attempt)
-    if moment is not None and not isinstance(result, Retry):
-        # Written only now that Copernica took the PUT: a failed call must
-        # not make the retry of this very event look stale.
-        guard.raise_mark(update.rule, moment)
-    return result
-
-
-def _profile_call(ctx: WorkerContext, update: ProfileUpdate) -> Call:
-    api = (
-        ctx.client.api
-        if ctx.client
-        else API_VERSIONS[ctx.settings.copernica_api_version]
+def _dry_run(run: Run, update: ProfileUpdate) -> list[dict[str, Any]]:
+    database = update.database or UNSET_DATABASE
+    call = run.api.profile_put(
+        database, update.selector, update.fields, update.create, update.async_
     )
-    return api.profile_put(update, update.database or UNSET_DATABASE)
+    run.log(
+        "dry run: request not sent",
+        rule=update.rule,
+        outcome="dry_run",
+        method=call.method,
+        path=call.path,
+        selector=mask_selector(update.selector),
+        create=update.create,
+        body=mask_fields(update.fields),
+        **{"async": update.async_},
+    )
+    results = [{"rule": update.rule, "outcome": "dry_run", "request": call.describe()}]
+    for sub in update.subprofiles:
+        if isinstance(sub, SubprofileUpdate):
+            sub_call = run.api.subprofile_put(
+                "{profile}", sub.collection, sub.selector, sub.fields
+            )
+            results.append(
+                {
+                    "rule": f"{update.rule}/{sub.label}",
+                    "outcome": "dry_run",
+                    "request": sub_call.describe(),
+                }
+            )
+    return results
 
 
-def _send(
-    ctx: WorkerContext, call: Call, update: ProfileUpdate, attempt: Attempt
-) -> dict[str, Any] | Retry:
-    started = time.monotonic()
+def _update_profile(run: Run, update: ProfileUpdate) -> list[dict[str, Any]]:
+    """The profile PUT, then its subprofiles, holding the profile's lock."""
+    attempt, settings = run.attempt, run.settings
+    database = update.database or UNSET_DATABASE
+    labels = [update.rule] + [
+        f"{update.rule}/{sub.label}"
+        for sub in update.subprofiles
+        if isinstance(sub, SubprofileUpdate)
+    ]
+    if all(label in attempt.done for label in labels):
+        return [attempt.done[label] for label in labels]
+
+    run.check_fields(update.rule, database, update)
+    guard = ProfileGuard(
+        run.connection,
+        database,
+        update.selector,
+        lock_seconds=settings.job_timeout_seconds + LOCK_GRACE_SECONDS,
+        mark_ttl_seconds=settings.order_ttl_seconds,
+    )
+    if not guard.acquire():
+        # Another delivery is writing this profile; two create=1 PUTs at once
+        # could create it twice. Come back shortly, not as a failure.
+        delay = PROFILE_BUSY_DELAY_SECONDS + random.randint(
+            0, PROFILE_BUSY_DELAY_SECONDS
+        )
+        run.log(
+            "profile busy, delivery comes back shortly",
+            rule=update.rule,
+            outcome="busy",
+            retry_in_s=delay,
+        )
+        raise ComeBack(Retry(max=RQ_RETRY_CEILING, interval=delay))
     try:
-        answer = ctx.client.send(call)
-    except TransportError as error:
-        answer, problem = None, str(error)
-    else:
-        problem = f"Copernica answered {answer.status}: {answer.message}"
-    timing = {"duration_ms": round((time.monotonic() - started) * 1000)}
+        results = [_profile_put(run, database, update, guard)]
+        profile_id = results[0].get("created_id")
+        for sub in update.subprofiles:
+            if isinstance(sub, Skipped):
+                run.log(
+                    "subprofile skipped",
+                    rule=sub.rule,
+                    outcome="skipped",
+                    reason=sub.reason,
+                )
+                results.append(
+                    {"rule": sub.rule, "outcome": "skipped", "reason": sub.reason}
+                )
+                continue
+            if profile_id is None and f"{update.rule}/{sub.label}" not in attempt.done:
+                profile_id = _profile_id(run, database, update)
+            results.append(_subprofile_put(run, update, sub, profile_id, guard))
+    finally:
+        guard.release()
+    return results
 
-    if answer is not None and answer.ok:
-        _log(
+
+def _profile_put(
+    run: Run, database: str, update: ProfileUpdate, guard: ProfileGuard
+) -> dict[str, Any]:
+    attempt = run.attempt
+    if update.rule in attempt.done:
+        return attempt.done[update.rule]
+
+    stale = _stale(run, guard, update.rule)
+    if stale:
+        result = {"rule": update.rule, "outcome": "skipped", "reason": stale}
+    else:
+        call = run.api.profile_put(
+            database, update.selector, update.fields, update.create, update.async_
+        )
+        answer = run.require(run.send(call, update.rule), update.rule)
+        _applied(run, guard, update.rule)
+        run.log(
             "profile updated",
-            attempt,
             rule=update.rule,
             outcome="applied",
             status=answer.status,
             created_id=answer.created_id,
-            **timing,
+            duration_ms=run.last_duration_ms,
         )
-        return {
+        result = {
             "rule": update.rule,
             "outcome": "applied",
             "status": answer.status,
             "created_id": answer.created_id,
             "request": call.describe(),
         }
+    attempt.done[update.rule] = result
+    return result
 
-    status = answer.status if answer else None
-    if answer is not None and not answer.retryable:
-        _log(
-            "delivery failed",
-            attempt,
-            rule=update.rule,
-            outcome="failed",
-            status=status,
-            reason=problem,
-            level=logging.WARNING,
-            **timing,
-        )
-        raise DeliveryFailed(
-            f"{update.rule}: {problem} (permanent, not retried; "
-            f"attempt {attempt.failures + 1})"
-        )
 
-    attempt.failures += 1
-    retry_after = parse_retry_after(answer.retry_after) if answer else None
-    schedule = ctx.settings.retry_schedule_seconds
-    delay = next_delay(attempt.failures - 1, schedule, retry_after)
-    if delay is None:
-        _log(
-            "delivery failed",
-            attempt,
-            rule=update.rule,
-            outcome="failed",
-            status=status,
-            reason=problem,
-            level=logging.WARNING,
-            **timing,
-        )
-        raise DeliveryFailed(
-            f"{update.rule}: gave up after {attempt.failures} attempts; last: {problem}"
-        )
+def _subprofile_put(
+    run: Run,
+    update: ProfileUpdate,
+    sub: SubprofileUpdate,
+    profile_id: str | None,
+    guard: ProfileGuard,
+) -> dict[str, Any]:
+    attempt = run.attempt
+    label = f"{update.rule}/{sub.label}"
+    if label in attempt.done:
+        return attempt.done[label]
 
-    _log(
-        "delivery will be retried",
-        attempt,
-        rule=update.rule,
-        outcome="retry",
-        status=status,
-        reason=problem,
-        retry_in_s=delay,
-        level=logging.WARNING,
-        **timing,
+    stale = _stale(run, guard, label)
+    if profile_id is None:
+        reason = "no profile matches the selector (create is off)"
+        result = {"rule": label, "outcome": "skipped", "reason": reason}
+    elif stale:
+        result = {"rule": label, "outcome": "skipped", "reason": stale}
+    else:
+        call = run.api.subprofile_put(
+            profile_id, sub.collection, sub.selector, sub.fields
+        )
+        answer = run.require(run.send(call, label), label)
+        _applied(run, guard, label)
+        run.log(
+            "subprofile updated",
+            rule=label,
+            outcome="applied",
+            status=answer.status,
+            duration_ms=run.last_duration_ms,
+        )
+        result = {
+            "rule": label,
+            "outcome": "applied",
+            "status": answer.status,
+            "profile_id": profile_id,
+            "request": call.describe(),
+        }
+    if result["outcome"] == "skipped":
+        run.log(
+            "subprofile skipped", rule=label, outcome="skipped", reason=result["reason"]
+        )
+    attempt.done[label] = result
+    return result
+
+
+def _profile_id(run: Run, database: str, update: ProfileUpdate) -> str | None:
+    """The id of the one profile the selector matches; None if there is none."""
+    call = run.api.profiles_get(database, update.selector, limit=2)
+    answer = run.require(run.send(call, update.rule), update.rule)
+    data = answer.data.get("data") if isinstance(answer.data, dict) else None
+    matches = [item for item in data or () if isinstance(item, dict)]
+    if len(matches) > 1:
+        run.fail(
+            update.rule,
+            "the selector matches more than one profile; "
+            "merge them in Copernica, then requeue",
+            None,
+        )
+    return str(matches[0]["ID"]) if matches else None
+
+
+def _stale(run: Run, guard: ProfileGuard, label: str) -> str | None:
+    """Why this event must not be applied, if a newer one already was."""
+    moment = run.attempt.event_time
+    if moment is None:
+        return None
+    mark = guard.mark(label)
+    if mark is not None and moment < mark:
+        return (
+            f"older than the newest event applied to this profile "
+            f"({_iso(moment)} < {_iso(mark)})"
+        )
+    return None
+
+
+def _applied(run: Run, guard: ProfileGuard, label: str) -> None:
+    # Written only now that Copernica took the PUT: a failed call must not
+    # make the retry of this very event look stale.
+    if run.attempt.event_time is not None:
+        guard.raise_mark(label, run.attempt.event_time)
+
+
+def _privacy(run: Run, delivery: Delivery) -> dict[str, Any]:
+    body = delivery.body
+    shop = body.get("shop_domain") if isinstance(body.get("shop_domain"), str) else None
+    queue = (
+        Queue(run.job.origin, connection=run.connection, serializer=run.job.serializer)
+        if run.job
+        else None
     )
-    return Retry(max=RQ_RETRY_CEILING, interval=delay)
+    keep = run.job.id if run.job else None
+
+    if delivery.topic == "customers/data_request":
+        run.log("data request acknowledged", outcome="acknowledged")
+        return {"outcome": "acknowledged", "calls": []}
+
+    if delivery.topic == "shop/redact":
+        erased = privacy_topics.erase_copies(queue, shop or delivery.account, (), keep)
+        run.log("shop redacted", outcome="redacted", local_copies_erased=erased)
+        return {"outcome": "redacted", "local_copies_erased": erased, "calls": []}
+
+    return _redact_customer(run, delivery, queue, shop, keep)
+
+
+def _redact_customer(run, delivery, queue, shop, keep) -> dict[str, Any]:
+    privacy = run.ctx.privacy
+    try:
+        selectors = privacy_selectors(privacy, delivery.body)
+    except MappedValueError as error:
+        run.fail("privacy", str(error), None)
+    needles = [value for selector in selectors for _, value in selector]
+    results = []
+    if not selectors:
+        reason = "no usable customer id or email in the request"
+        run.log("customer redaction skipped", outcome="skipped", reason=reason)
+        results.append({"rule": "privacy", "outcome": "skipped", "reason": reason})
+    elif run.client is None:
+        run.log(
+            "dry run: customer redaction not sent",
+            outcome="dry_run",
+            action=privacy.action,
+            matched_by=[s[0][0] for s in selectors],
+        )
+        results.append(
+            {"rule": "privacy", "outcome": "dry_run", "action": privacy.action}
+        )
+    elif "privacy" in run.attempt.done:
+        results.append(run.attempt.done["privacy"])
+    else:
+        results.append(_redact_profiles(run, privacy, selectors))
+
+    erased = privacy_topics.erase_copies(queue, shop or delivery.account, needles, keep)
+    run.log(
+        "customer redacted",
+        outcome="redacted",
+        local_copies_erased=erased,
+        profiles=results[0].get("profiles"),
+        action=privacy.action,
+    )
+    return {
+        "outcome": _overall(results),
+        "local_copies_erased": erased,
+        "calls": results,
+    }
+
+
+def _redact_profiles(run: Run, privacy: PrivacyRule, selectors) -> dict[str, Any]:
+    database = privacy.database or UNSET_DATABASE
+    check = ProfileUpdate(
+        "privacy", database, (), {name: "" for name in privacy.clear}, False, False
+    )
+    run.check_fields("privacy", database, check)
+    for selector in selectors:
+        run.check_fields(
+            "privacy",
+            database,
+            ProfileUpdate("privacy", database, selector, {}, False, False),
+        )
+
+    profile_ids: set[str] = set()
+    for selector in selectors:
+        call = run.api.profiles_get(database, selector, limit=REDACT_MATCH_LIMIT)
+        answer = run.require(run.send(call, "privacy"), "privacy")
+        data = answer.data.get("data") if isinstance(answer.data, dict) else None
+        profile_ids.update(
+            str(item["ID"])
+            for item in data or ()
+            if isinstance(item, dict) and "ID" in item
+        )
+
+    done = run.attempt.done.setdefault("privacy-profiles", [])
+    for profile_id in sorted(profile_ids - set(done)):
+        if privacy.action == "delete":
+            call = run.api.profile_delete(profile_id)
+        else:
+            call = run.api.profile_fields_put(
+                profile_id, {name: "" for name in privacy.clear}
+            )
+        answer = run.send(call, "privacy")
+        if not (
+            privacy.action == "delete"
+            and answer.status == 400
+            and "already been removed" in (answer.message or "")
+        ):
+            run.require(answer, "privacy")
+        done.append(profile_id)
+
+    result = {
+        "rule": "privacy",
+        "outcome": "applied",
+        "action": privacy.action,
+        "profiles": len(profile_ids),
+    }
+    run.attempt.done["privacy"] = result
+    return result
 
 
 def _overall(results: list[dict[str, Any]]) -> str:
@@ -366,7 +742,3 @@ def _overall(results: list[dict[str, Any]]) -> str:
 
 def _iso(moment: float) -> str:
     return datetime.fromtimestamp(moment, UTC).isoformat(timespec="seconds")
-
-
-def _log(event: str, attempt: Attempt, level: int = logging.INFO, **more) -> None:
-    log.log(level, event, extra={"fields": {**attempt.facts, **more}})

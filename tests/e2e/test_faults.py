@@ -26,6 +26,7 @@ from tests.harness import (
     relay_env,
     shopify_headers,
     wait_for_job,
+    writes,
 )
 from tests.standin.copernica import CopernicaStandIn, Fault
 from tools.embedded_redis import RedisServer
@@ -131,20 +132,20 @@ def wait_for_arrivals(standin, count, timeout=10.0):
     """Wait until requests have arrived, answered or not."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if len(standin.requests) >= count:
-            return standin.requests
+        if len(writes(standin)) >= count:
+            return writes(standin)
         time.sleep(0.05)
-    raise AssertionError(f"{len(standin.requests)} requests arrived, not {count}")
+    raise AssertionError(f"{len(writes(standin))} requests arrived, not {count}")
 
 
 def test_429_with_retry_after_is_retried_no_sooner(relay, standin, client, workers):
     workers()
-    standin.add_fault(Fault(status=429, headers={"Retry-After": "2"}))
+    standin.add_fault(Fault(method="PUT", status=429, headers={"Retry-After": "2"}))
 
     job = wait_for_job(client, send(relay, customer("r429@example.com", None, "A")))
 
     assert job.get_status() == "finished"
-    first, second = standin.requests
+    first, second = writes(standin)
     assert (first.status, second.status) == (429, 303)
     assert 2.0 <= second.received_at - first.received_at < 4.5
 
@@ -153,14 +154,14 @@ def test_huge_retry_after_is_capped_at_the_longest_delay(
     relay, standin, client, workers
 ):
     workers()
-    standin.add_fault(Fault(status=429, headers={"Retry-After": "86400"}))
+    standin.add_fault(Fault(method="PUT", status=429, headers={"Retry-After": "86400"}))
 
     job = wait_for_job(
         client, send(relay, customer("huge@example.com", None, "A")), timeout=20
     )
 
     assert job.get_status() == "finished"
-    first, second = standin.requests
+    first, second = writes(standin)
     # The schedule here is 1,1,1,5: a day-long Retry-After waits 5 s.
     assert 5.0 <= second.received_at - first.received_at < 8.0
 
@@ -169,12 +170,12 @@ def test_connection_that_never_answers_times_out_and_is_retried(
     relay, standin, client, workers
 ):
     workers()
-    standin.add_fault(Fault(hang=True))
+    standin.add_fault(Fault(method="PUT", hang=True))
 
     job = wait_for_job(client, send(relay, customer("hang@example.com", None, "H")))
 
     assert job.get_status() == "finished"
-    assert [r.status for r in standin.requests] == [None, 303]
+    assert [r.status for r in writes(standin)] == [None, 303]
     assert len(profiles_with(standin, "hang@example.com")) == 1
 
 
@@ -182,14 +183,14 @@ def test_retries_run_out_into_the_failed_list_with_the_reason(
     relay, standin, client, workers
 ):
     workers()
-    standin.add_fault(Fault(status=503, times=5))
+    standin.add_fault(Fault(method="PUT", status=503, times=5))
 
     job = wait_for_job(
         client, send(relay, customer("down@example.com", None, "D")), timeout=30
     )
 
     assert job.get_status() == "failed"
-    assert [r.status for r in standin.requests] == [503] * 5
+    assert [r.status for r in writes(standin)] == [503] * 5
     assert job.meta["reason"].startswith(
         "shopify-customer: gave up after 5 attempts; last: Copernica answered 503"
     )
@@ -200,7 +201,7 @@ def test_worker_killed_mid_request_leaves_the_delivery_to_another(
     relay, standin, client, workers
 ):
     [doomed] = workers()
-    standin.add_fault(Fault(hang=True))
+    standin.add_fault(Fault(method="PUT", hang=True))
     job_id = send(relay, customer("killed@example.com", None, "K"))
     wait_for_arrivals(standin, 1)
 
@@ -210,7 +211,7 @@ def test_worker_killed_mid_request_leaves_the_delivery_to_another(
 
     assert job.get_status() == "finished", relay.logs()[-3000:]
     assert job.meta["abandoned"] == 1
-    assert [r.status for r in standin.requests] == [None, 303]
+    assert [r.status for r in writes(standin)] == [None, 303]
     assert len(profiles_with(standin, "killed@example.com")) == 1
 
 
@@ -218,7 +219,9 @@ def test_sigterm_lets_the_worker_finish_the_delivery_in_hand(
     relay, standin, client, workers
 ):
     [worker] = workers()
-    standin.add_fault(Fault(status=None, delay=1.2))  # under the 2 s read timeout
+    standin.add_fault(
+        Fault(method="PUT", status=None, delay=1.2)
+    )  # under the 2 s read timeout
     job_id = send(relay, customer("term@example.com", None, "T"))
     wait_for_arrivals(standin, 1)
 
@@ -228,7 +231,7 @@ def test_sigterm_lets_the_worker_finish_the_delivery_in_hand(
 
     assert code == 0
     assert job.get_status() == "finished"
-    assert [r.status for r in standin.requests] == [303]
+    assert [r.status for r in writes(standin)] == [303]
 
 
 def test_events_waiting_in_redis_survive_a_redis_restart(
@@ -247,7 +250,7 @@ def test_events_waiting_in_redis_survive_a_redis_restart(
 
     for job_id in jobs:
         assert wait_for_job(client, job_id).get_status() == "finished"
-    assert sorted(r.query_values("fields[]")[0] for r in standin.requests) == [
+    assert sorted(r.query_values("fields[]")[0] for r in writes(standin)) == [
         f"email=={email}" for email in emails
     ]
     for email in emails:
@@ -267,7 +270,7 @@ def test_events_for_one_customer_sent_newest_first_keep_the_newest(
     assert first.return_value()["outcome"] == "applied"
     assert second.return_value()["outcome"] == "skipped"
     assert "older than the newest event" in second.return_value()["calls"][0]["reason"]
-    assert len(standin.requests) == 1
+    assert len(writes(standin)) == 1
     [profile] = profiles_with(standin, "order@example.com")
     assert profile["fields"]["firstname"] == "Newer"
 
@@ -296,7 +299,7 @@ def test_two_events_for_a_new_email_on_two_workers_make_one_profile(
 
     [profile] = profiles_with(standin, "race@example.com")
     assert profile["fields"]["firstname"] == "Second"
-    assert "profile busy" in relay.logs() or len(standin.requests) == 1
+    assert "profile busy" in relay.logs() or len(writes(standin)) == 1
 
 
 def test_replay_after_the_dedupe_window_does_not_undo_a_newer_change(
@@ -313,7 +316,7 @@ def test_replay_after_the_dedupe_window_does_not_undo_a_newer_change(
     replay = wait_for_job(client, send(relay, old, delivery_id="replayed-delivery"))
 
     assert replay.return_value()["outcome"] == "skipped"
-    assert len(standin.requests) == 2
+    assert len(writes(standin)) == 2
     [profile] = profiles_with(standin, "replay@example.com")
     assert profile["fields"]["firstname"] == "New"
 
@@ -333,7 +336,9 @@ def test_failed_delivery_is_listed_masked_requeued_and_delivered(
     relay, standin, client, workers
 ):
     workers()
-    standin.add_fault(Fault(status=400, message="No database with supplied ID"))
+    standin.add_fault(
+        Fault(method="PUT", status=400, message="No database with supplied ID")
+    )
     job_id = send(relay, customer("fixme@example.com", None, "F"))
     assert wait_for_job(client, job_id).get_status() == "failed"
 
@@ -356,7 +361,7 @@ def test_failed_delivery_is_listed_masked_requeued_and_delivered(
     assert requeued.returncode == 0, requeued.stderr
     job = wait_for_job(client, job_id)
     assert job.get_status() == "finished"
-    assert [r.status for r in standin.requests] == [400, 303]
+    assert [r.status for r in writes(standin)] == [400, 303]
     assert len(profiles_with(standin, "fixme@example.com")) == 1
 
 
@@ -364,7 +369,7 @@ def test_purge_needs_a_choice_and_removes_what_was_chosen(
     relay, standin, client, workers
 ):
     workers()
-    standin.add_fault(Fault(status=400, message="Invalid data provided"))
+    standin.add_fault(Fault(method="PUT", status=400, message="Invalid data provided"))
     job_id = send(relay, customer("purge@example.com", None, "P"))
     wait_for_job(client, job_id)
 

@@ -11,6 +11,7 @@ from tests.harness import (
     relay_env,
     shopify_headers,
     wait_for_job,
+    writes,
 )
 from tests.standin.copernica import CopernicaStandIn, Fault
 
@@ -67,11 +68,11 @@ def relay(redis_server, standin, tmp_path_factory):
 
 
 def paths(standin) -> list[tuple[str, int]]:
-    return [(r.path.split("/")[3], r.status) for r in standin.requests]
+    return [(r.path.split("/")[3], r.status) for r in writes(standin)]
 
 
 def test_retry_repeats_only_the_call_that_failed(relay, standin, redis_server):
-    standin.add_fault(Fault(status=503, path_contains="/database/5678/"))
+    standin.add_fault(Fault(method="PUT", status=503, path_contains="/database/5678/"))
     body = b'{"id":1,"email":"both@example.com","first_name":"Both"}'
 
     response = relay.post("shopify", body, shopify_headers(body, "customers/create"))
@@ -90,7 +91,9 @@ def test_second_call_that_might_outlive_the_job_runs_in_a_fresh_run(
 ):
     # 1 s connect + 24 s read may take 25 s; after a 3 s first call, less
     # than that is left of the job's 27 s, so the second call waits a run.
-    standin.add_fault(Fault(status=None, delay=3, path_contains="/database/1234/"))
+    standin.add_fault(
+        Fault(method="PUT", status=None, delay=3, path_contains="/database/1234/")
+    )
     body = b'{"id":2,"email":"slow@example.com","first_name":"Slow"}'
 
     response = relay.post("shopify", body, shopify_headers(body, "customers/create"))

@@ -26,6 +26,10 @@ the observation, including the parts that are dangerous for a client:
   outlives the client's timeout, the update is applied anyway.
 * ``PUT profile/$id/subprofiles/$collection`` sends no ``X-Created`` when it
   creates a subprofile (observed in 2020 and reported as a bug).
+* ``PUT profile/$id/fields`` takes a flat field map in every version and answers
+  like any other PUT that creates nothing: ``put_status`` on v1/v2, 204 on v3/v4.
+* Overload is answered 503 with the load balancer's HTML page, never with JSON
+  (see ``overload_above_rps`` and ``overload_above_concurrency``).
 
 Choices made where the brief says the real behaviour is unknown:
 
@@ -47,6 +51,28 @@ Choices made where the brief says the real behaviour is unknown:
   provided" to catch a client that does by accident.
 * Profile and field IDs are JSON numbers, and every profile carries every
   database field (unset ones as ``""``), as a GET on the live API shows them.
+  Collection fields are numbered after all database fields, so a field ID never
+  names two fields. A collection ID alone finds the collection in any database.
+* ``GET database/$id/collections`` embeds each collection's fields as the first
+  page (``start`` 0, default ``limit``) that ``GET collection/$cid/fields`` gives.
+* ``GET profile/$id/subprofiles/$collection`` accepts ``fields[]`` filters like
+  the other list calls, unknown names dropped the same way.
+* ``strict_fields=True`` switches unknown body fields from ignored to a 400
+  ``Unknown field: <name>`` (``UNKNOWN_FIELD_MESSAGE``), naming the first one in
+  body order, with nothing applied. The brief (5.3) reads an Aug 2021 product
+  update as such an error for updates that can touch several records, so it
+  covers ``PUT database/$id/profiles`` and ``PUT profile/$id/subprofiles/...``
+  only; ``PUT profile/$id/fields`` and the POST calls stay lenient, and so do
+  filters in both modes. The default (False) is the 2020 behaviour.
+* Load is measured from the moment a request's body has been read until just
+  before its answer is written (or the connection is closed). Ending the count
+  before the write means a client that waits for each answer never appears to
+  overlap itself, whatever the thread scheduling.
+* The overload rules ignore the JWT endpoint, which in production lives on
+  another host: ``/authenticate`` neither counts towards them nor gets a 503.
+  Requests that were refused with 503 do count, as load on a real balancer does,
+  so a client that retries without backing off stays refused. The request rate
+  is judged over the recorded requests only, so ``clear()`` forgets it.
 """
 
 from __future__ import annotations
@@ -73,6 +99,12 @@ FIRST_SUBPROFILE_ID = 500001
 DEFAULT_JWT_LIFETIME = 86400
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
+
+# Text of the 400 that strict_fields gives for a body field the target lacks.
+UNKNOWN_FIELD_MESSAGE = "Unknown field: {name}"
+
+# The span over which overload_above_rps counts arrivals.
+RATE_WINDOW_SECONDS = 1.0
 
 # A hanging request must end by itself even when a test forgets to stop the
 # stand-in, so "forever" is capped.
@@ -166,9 +198,12 @@ class _Answer:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Entry:
-    """Bookkeeping for one recorded request while it is being answered."""
+    """Bookkeeping for one recorded request while it is being answered.
+
+    Entries compare by identity so the set of requests in flight can hold them.
+    """
 
     record: Recorded
     raw_path: str
@@ -176,6 +211,9 @@ class _Entry:
     # Settled means the test may look at it: answered, dropped, or held by a
     # hang fault that will not finish before someone releases it.
     settled: bool = False
+
+    # Decided on arrival: the load balancer refuses before the API sees it.
+    overloaded: bool = False
 
 
 @dataclass
@@ -189,6 +227,7 @@ class _Collection:
     id: int
     name: str
     fields: list[str]
+    field_ids: dict[str, int] = field(default_factory=dict)
 
 
 class CopernicaStandIn:
@@ -198,6 +237,11 @@ class CopernicaStandIn:
     paths use names instead of IDs (matched case-insensitively). ``collections``
     maps a database ID to ``{collection name: field names}``. ``put_status`` is
     the v1/v2 success status of a PUT: 200, or 303 with an echoing ``Location``.
+
+    ``strict_fields`` makes multi-record PUTs reject unknown body fields with a
+    400. ``overload_above_rps`` answers 503 to a request that arrives when more
+    than that many arrived in the last second; ``overload_above_concurrency``
+    answers 503 to one that arrives while that many are already in flight.
     """
 
     def __init__(
@@ -209,9 +253,18 @@ class CopernicaStandIn:
         collections: dict[int, dict[str, list[str]]] | None = None,
         jwt_lifetime: float = DEFAULT_JWT_LIFETIME,
         upsert_window: float = 0.0,
+        strict_fields: bool = False,
+        overload_above_rps: float | None = None,
+        overload_above_concurrency: int | None = None,
     ) -> None:
         if put_status not in (200, 303):
             raise ValueError("put_status must be 200 or 303")
+
+        if overload_above_rps is not None and overload_above_rps < 0:
+            raise ValueError("overload_above_rps cannot be negative")
+
+        if overload_above_concurrency is not None and overload_above_concurrency < 1:
+            raise ValueError("overload_above_concurrency must be at least 1")
 
         self.access_token = access_token
         self.put_status = put_status
@@ -221,6 +274,9 @@ class CopernicaStandIn:
         # is not atomic; a window > 0 lets two concurrent create=1 PUTs for
         # one new key both create a profile, as the real API may.
         self.upsert_window = upsert_window
+        self.strict_fields = strict_fields
+        self.overload_above_rps = overload_above_rps
+        self.overload_above_concurrency = overload_above_concurrency
 
         self._database_fields = {
             int(database): list(names) for database, names in (databases or {}).items()
@@ -234,11 +290,11 @@ class CopernicaStandIn:
         # Field and collection IDs only need to be stable and distinct, so they
         # are numbered in the order the constructor received them.
         self._field_ids = {}
-        next_id = 1
+        next_field_id = 1
         for database, names in self._database_fields.items():
             for name in names:
-                self._field_ids[(database, name)] = next_id
-                next_id += 1
+                self._field_ids[(database, name)] = next_field_id
+                next_field_id += 1
 
         self._collections: dict[int, list[_Collection]] = {}
         next_id = 1
@@ -247,7 +303,11 @@ class CopernicaStandIn:
                 raise ValueError(f"collections given for unknown database {database}")
             self._collections[database] = []
             for name, names in by_name.items():
-                self._collections[database].append(_Collection(next_id, name, names))
+                collection = _Collection(next_id, name, list(names))
+                for field_name in collection.fields:
+                    collection.field_ids[field_name] = next_field_id
+                    next_field_id += 1
+                self._collections[database].append(collection)
                 next_id += 1
 
         self._jwt_key = os.urandom(32)
@@ -260,6 +320,9 @@ class CopernicaStandIn:
         self._connections: set[socket.socket] = set()
         self._stopping = False
         self._release_generation = 0
+        # Requests between arrival and answer. Not part of _reset_state: the
+        # requests in flight during clear() still finish afterwards.
+        self._in_flight: set[_Entry] = set()
         self.errors: list[BaseException] = []
         self._reset_state()
 
@@ -352,6 +415,36 @@ class CopernicaStandIn:
         with self._cond:
             return [slot.fault for slot in self._faults]
 
+    def requests_to(
+        self, path_fragment: str, method: str | None = None
+    ) -> list[Recorded]:
+        """Recorded requests whose decoded path contains ``path_fragment``.
+
+        ``method`` narrows them to one HTTP method, in any letter case.
+        """
+        wanted = method.upper() if method is not None else None
+        return [
+            record
+            for record in self.requests
+            if path_fragment in record.path
+            and (wanted is None or record.method == wanted)
+        ]
+
+    def arrival_times(self) -> list[float]:
+        """``received_at`` of every recorded request, in arrival order."""
+        with self._cond:
+            return [entry.record.received_at for entry in self._entries]
+
+    @property
+    def peak_concurrency(self) -> int:
+        """Most requests in flight at once since start, or since ``clear()``.
+
+        A request is in flight from arrival until its answer is about to be
+        written, so delayed and hanging requests count for as long as they wait.
+        """
+        with self._cond:
+            return self._peak_concurrency
+
     def wait_for_requests(self, n: int, timeout: float = 10.0) -> list[Recorded]:
         """Block until ``n`` requests were answered (or are held by a hang fault).
 
@@ -391,7 +484,9 @@ class CopernicaStandIn:
     def clear(self) -> None:
         """Forget recorded requests, profiles, subprofiles and queued faults.
 
-        Issued JWTs stay valid, like they would on the real service.
+        Issued JWTs stay valid, like they would on the real service. The peak
+        concurrency starts again from the number of requests in flight now
+        (0 when the stand-in is idle).
         """
         with self._cond:
             self._reset_state()
@@ -451,29 +546,72 @@ class CopernicaStandIn:
             name = name.lower()
             merged[name] = f"{merged[name]}, {value}" if name in merged else value
 
-        record = Recorded(
-            method=method,
-            path=unquote(raw_path, errors="replace"),
-            raw_query=raw_query,
-            query=_parse_query(raw_query),
-            headers=merged,
-            body=body,
-            json=_parse_json(body),
-            status=None,
-            received_at=time.monotonic(),
-        )
-        entry = _Entry(record, raw_path)
+        path = unquote(raw_path, errors="replace")
+        query = _parse_query(raw_query)
+        parsed = _parse_json(body)
         with self._cond:
+            # Taking the time under the lock keeps _entries in arrival order,
+            # which lets the rate check stop at the first entry that is too old.
+            record = Recorded(
+                method=method,
+                path=path,
+                raw_query=raw_query,
+                query=query,
+                headers=merged,
+                body=body,
+                json=parsed,
+                status=None,
+                received_at=time.monotonic(),
+            )
+            entry = _Entry(record, raw_path)
+            entry.overloaded = self._is_overloaded(record)
             self._entries.append(entry)
+            self._in_flight.add(entry)
+            self._peak_concurrency = max(self._peak_concurrency, len(self._in_flight))
             self._cond.notify_all()
 
         return entry
+
+    def _is_overloaded(self, record: Recorded) -> bool:
+        # Caller holds the lock; ``record`` is not yet among the entries.
+        if _is_authenticate(record.path):
+            return False
+
+        limit = self.overload_above_concurrency
+        if limit is not None:
+            busy = sum(
+                not _is_authenticate(entry.record.path) for entry in self._in_flight
+            )
+            if busy >= limit:
+                return True
+
+        rate = self.overload_above_rps
+        if rate is None:
+            return False
+
+        window_start = record.received_at - RATE_WINDOW_SECONDS
+        recent = 0
+        for entry in reversed(self._entries):
+            if entry.record.received_at <= window_start:
+                break
+            if not _is_authenticate(entry.record.path):
+                recent += 1
+
+        return recent > rate
+
+    def _record_departure(self, entry: _Entry) -> None:
+        with self._cond:
+            self._in_flight.discard(entry)
 
     def _respond(self, entry: _Entry) -> _Answer | None:
         """Decide the answer for a recorded request; None means close silently."""
         with self._cond:
             if self._stopping:
                 return self._settle(entry, None)
+
+            # Refused by the load balancer, so no fault is used up.
+            if entry.overloaded:
+                return self._settle(entry, _fault_answer(Fault(503)))
 
             fault = self._take_fault(entry.record)
             generation = self._release_generation
@@ -557,7 +695,7 @@ class CopernicaStandIn:
 
     def _route(self, entry: _Entry) -> _Answer:
         record = entry.record
-        if record.path.rstrip("/") in ("", "/authenticate"):
+        if _is_authenticate(record.path):
             return self._authenticate(record)
 
         # Unversioned paths were observed to behave like v1.
@@ -587,9 +725,24 @@ class CopernicaStandIn:
             if action == "fields" and method == "GET":
                 return self._get_database_fields(record, database_id)
 
+            if action == "collections" and method == "GET":
+                return self._get_database_collections(record, database_id)
+
+        if resource == "collection" and len(parts) == 3 and method == "GET":
+            if parts[2].lower() == "fields":
+                return self._get_collection_fields(record, parts[1])
+
+        if resource == "profile" and len(parts) == 3 and method == "PUT":
+            if parts[2].lower() == "fields":
+                return self._put_profile_fields(entry, version, parts[1])
+
         if resource == "profile" and len(parts) == 4 and method == "PUT":
             if parts[2].lower() == "subprofiles":
                 return self._put_profile_subprofiles(entry, version, parts[1], parts[3])
+
+        if resource == "profile" and len(parts) == 4 and method == "GET":
+            if parts[2].lower() == "subprofiles":
+                return self._get_profile_subprofiles(record, parts[1], parts[3])
 
         if resource == "profile" and len(parts) == 2 and method == "DELETE":
             return self._delete_profile(version, parts[1])
@@ -660,6 +813,8 @@ class CopernicaStandIn:
 
         values = _body_fields(record, flat=version == 1)
         field_names = self._database_fields[database_id]
+        if self.strict_fields:
+            _reject_unknown_fields(values, field_names)
         updates = _resolve_field_names(values, field_names)
         create = _is_true(_last(record, "create"))
 
@@ -721,21 +876,31 @@ class CopernicaStandIn:
 
     def _get_database_fields(self, record: Recorded, database_id: int) -> _Answer:
         items = [
-            {
-                "ID": self._field_ids[(database_id, name)],
-                "name": name,
-                "type": "text",
-                "value": "",
-                "displayed": True,
-                "ordered": False,
-                "length": 255,
-                "textlines": 0,
-                "hidden": False,
-                "index": False,
-            }
+            _field_item(self._field_ids[(database_id, name)], name)
             for name in self._database_fields[database_id]
         ]
         return _json_answer(_page(record, items))
+
+    def _get_database_collections(self, record: Recorded, database_id: int) -> _Answer:
+        items = [
+            {
+                "ID": collection.id,
+                "name": collection.name,
+                "database": database_id,
+                "fields": _page_slice(_collection_field_items(collection)),
+            }
+            for collection in self._collections.get(database_id, [])
+        ]
+        return _json_answer(_page(record, items))
+
+    # ------------------------------------------------------------- collections
+
+    def _get_collection_fields(self, record: Recorded, collection_ref: str) -> _Answer:
+        collection = self._collection_by_id(collection_ref)
+        if collection is None:
+            raise _ApiError("No collection with given ID")
+
+        return _json_answer(_page(record, _collection_field_items(collection)))
 
     # ------------------------------------------------- profiles and subprofiles
 
@@ -759,6 +924,8 @@ class CopernicaStandIn:
 
         # The body is a flat field map in every API version.
         values = _body_fields(record, flat=True)
+        if self.strict_fields:
+            _reject_unknown_fields(values, collection.fields)
         updates = _resolve_field_names(values, collection.fields)
         create = _is_true(_last(record, "create"))
 
@@ -777,6 +944,62 @@ class CopernicaStandIn:
                 stored[created] = _new_record(created, collection.fields, updates)
 
         return self._put_success(entry, version, created, send_created=False)
+
+    def _get_profile_subprofiles(
+        self, record: Recorded, profile_ref: str, collection_ref: str
+    ) -> _Answer:
+        profile_id = int(profile_ref) if profile_ref.isdigit() else None
+        expressions = _filter_expressions(record.query) or []
+        with self._cond:
+            database_id = self._database_of_profile(profile_id)
+            if database_id is None:
+                raise _ApiError("No entity with supplied ID")
+
+            collection = self._find_collection(database_id, collection_ref)
+            if collection is None:
+                raise _ApiError("No collection with given ID")
+
+            filters = self._parse_filters(expressions, collection.fields)
+            stored = self._subprofiles.get((profile_id, collection.id), {})
+            items = [
+                {
+                    "ID": subprofile["id"],
+                    "secret": subprofile["secret"],
+                    "fields": dict(subprofile["fields"]),
+                    "profile": profile_id,
+                    "collection": collection.id,
+                    "created": subprofile["created"],
+                    "modified": subprofile["modified"],
+                    "removed": False,
+                }
+                for subprofile in sorted(stored.values(), key=lambda item: item["id"])
+                if _matches_all(subprofile, filters)
+            ]
+
+        return _json_answer(_page(record, items))
+
+    def _put_profile_fields(
+        self, entry: _Entry, version: int, profile_ref: str
+    ) -> _Answer:
+        profile_id = int(profile_ref) if profile_ref.isdigit() else None
+        with self._cond:
+            database_id = self._database_of_profile(profile_id)
+        if database_id is None:
+            raise _ApiError("No entity with supplied ID")
+
+        # Flat in every version, unlike PUT profile/$id and the database calls.
+        values = _body_fields(entry.record, flat=True)
+        updates = _resolve_field_names(values, self._database_fields[database_id])
+        with self._cond:
+            # A DELETE may have won the race since the lookup above.
+            profile = self._profiles[database_id].get(profile_id)
+            if profile is None:
+                raise _ApiError("No entity with supplied ID")
+
+            profile["fields"].update(updates)
+            profile["modified"] = _now()
+
+        return self._put_success(entry, version, None, send_created=False)
 
     def _delete_profile(self, version: int, profile_ref: str) -> _Answer:
         profile_id = int(profile_ref) if profile_ref.isdigit() else None
@@ -832,6 +1055,7 @@ class CopernicaStandIn:
         self._removed_profiles: set[int] = set()
         self._next_profile_id = FIRST_PROFILE_ID
         self._next_subprofile_id = FIRST_SUBPROFILE_ID
+        self._peak_concurrency = len(self._in_flight)
 
     def _create_profile(self, database_id: int, values: dict[str, Any]) -> int:
         # Caller holds the lock. Profile IDs are unique across databases, as
@@ -893,6 +1117,19 @@ class CopernicaStandIn:
 
         return None
 
+    def _collection_by_id(self, reference: str) -> _Collection | None:
+        # Collection IDs are unique over all databases; names are not, so a
+        # path without a database cannot name one.
+        if not reference.isdigit():
+            return None
+
+        for collections in self._collections.values():
+            for collection in collections:
+                if collection.id == int(reference):
+                    return collection
+
+        return None
+
     def _track(self, connection: socket.socket) -> None:
         with self._cond:
             self._connections.add(connection)
@@ -949,7 +1186,11 @@ class _Handler(BaseHTTPRequestHandler):
         entry = standin._record_arrival(
             self.command, self.path, list(self.headers.items()), body
         )
-        answer = standin._respond(entry)
+        try:
+            answer = standin._respond(entry)
+        finally:
+            standin._record_departure(entry)
+
         if answer is None:
             self.close_connection = True
             return
@@ -1083,6 +1324,14 @@ def _resolve_field_names(values: dict, field_names: list[str]) -> dict[str, Any]
     }
 
 
+def _reject_unknown_fields(values: dict, field_names: list[str]) -> None:
+    """The strict_fields check: a 400 for the first body field the target lacks."""
+    known = {name.lower() for name in field_names}
+    for name in values:
+        if str(name).lower() not in known:
+            raise _ApiError(UNKNOWN_FIELD_MESSAGE.format(name=name))
+
+
 def _new_record(record_id: int, field_names: list[str], values: dict) -> dict:
     now = _now()
     fields = {name: "" for name in field_names}
@@ -1188,6 +1437,11 @@ def _page(record: Recorded, items: list) -> dict:
     limit = _last(record, "limit")
     start = int(start) if start and start.isdigit() else 0
     limit = min(int(limit), MAX_LIMIT) if limit and limit.isdigit() else DEFAULT_LIMIT
+    return _page_slice(items, start, limit)
+
+
+def _page_slice(items: list, start: int = 0, limit: int = DEFAULT_LIMIT) -> dict:
+    """The paging structure every list call answers with."""
     data = items[start : start + limit]
     return {
         "start": start,
@@ -1196,6 +1450,31 @@ def _page(record: Recorded, items: list) -> dict:
         "total": len(items),
         "data": data,
     }
+
+
+def _field_item(field_id: int, name: str) -> dict:
+    """A field as the fields calls describe it; every field is plain text here."""
+    return {
+        "ID": field_id,
+        "name": name,
+        "type": "text",
+        "value": "",
+        "displayed": True,
+        "ordered": False,
+        "length": 255,
+        "textlines": 0,
+        "hidden": False,
+        "index": False,
+    }
+
+
+def _collection_field_items(collection: _Collection) -> list[dict]:
+    return [_field_item(collection.field_ids[name], name) for name in collection.fields]
+
+
+def _is_authenticate(path: str) -> bool:
+    # The JWT endpoint is served at the root as well, like the real host.
+    return path.rstrip("/") in ("", "/authenticate")
 
 
 def _now() -> str:

@@ -15,7 +15,12 @@ from urllib.parse import quote, urlsplit
 import pytest
 import requests
 
-from tests.standin.copernica import CopernicaStandIn, Fault
+from tests.standin.copernica import (
+    RATE_WINDOW_SECONDS,
+    UNKNOWN_FIELD_MESSAGE,
+    CopernicaStandIn,
+    Fault,
+)
 
 TOKEN = "standin-token"
 SHOP = 1234
@@ -832,3 +837,426 @@ def test_upsert_window_lets_two_concurrent_creates_make_two_profiles():
             thread.join()
 
         assert len(standin.profiles(1)) == 2
+
+
+# ------------------------------------------------------------- collections
+
+
+def api_get(standin, path, version=1, **kwargs):
+    """GET ``/v{version}/{path}`` with the v1-v3 token in the URL."""
+    separator = "&" if "?" in path else "?"
+    url = f"{standin.base_url}/v{version}/{path}{separator}access_token={TOKEN}"
+    return requests.get(url, timeout=TIMEOUT, **kwargs)
+
+
+def api_put(standin, path, body, version=1, **kwargs):
+    """PUT ``/v{version}/{path}``, as a v1-v3 client or, for v4, with a JWT."""
+    url = f"{standin.base_url}/v{version}/{path}"
+    headers = kwargs.pop("headers", {})
+    if version == 4:
+        headers["Authorization"] = f"Bearer {fetch_jwt(standin)}"
+    else:
+        url += f"{'&' if '?' in path else '?'}access_token={TOKEN}"
+    kwargs.setdefault("allow_redirects", False)
+    return requests.put(url, json=body, headers=headers, timeout=TIMEOUT, **kwargs)
+
+
+@pytest.mark.parametrize("database", [SHOP, "shop"])
+def test_database_collections_embed_each_collections_fields(standin, database):
+    response = api_get(standin, f"database/{database}/collections")
+
+    page = response.json()
+    assert response.status_code == 200
+    assert (page["start"], page["count"], page["total"]) == (0, 1, 1)
+    orders = page["data"][0]
+    assert (orders["ID"], orders["name"], orders["database"]) == (1, "Orders", SHOP)
+    collection_fields = api_get(standin, f"collection/{orders['ID']}/fields").json()
+    assert orders["fields"] == collection_fields
+    assert [item["name"] for item in orders["fields"]["data"]] == ORDER_FIELDS
+
+
+def test_collection_field_ids_do_not_repeat_database_field_ids(standin):
+    database_fields = api_get(standin, f"database/{SHOP}/fields").json()["data"]
+    collection_fields = api_get(standin, "collection/1/fields").json()["data"]
+
+    ids = [item["ID"] for item in database_fields + collection_fields]
+    assert len(set(ids)) == len(ids) == 7
+    assert set(collection_fields[0]) == set(database_fields[0])
+
+
+def test_database_without_collections_lists_none():
+    with CopernicaStandIn(access_token=TOKEN, databases={SHOP: SHOP_FIELDS}) as standin:
+        page = api_get(standin, f"database/{SHOP}/collections").json()
+
+    assert (page["count"], page["total"], page["data"]) == (0, 0, [])
+
+
+@pytest.mark.parametrize("reference", ["2", "orders", "Orders"])
+def test_collection_fields_need_a_known_collection_id(standin, reference):
+    response = api_get(standin, f"collection/{reference}/fields")
+
+    assert response.status_code == 400
+    assert error_message(response) == "No collection with given ID"
+
+
+def test_collection_calls_follow_the_v4_credential_rules(standin):
+    url = f"{standin.base_url}/v4/collection/1/fields"
+    jwt = fetch_jwt(standin)
+
+    anonymous = requests.get(url, timeout=TIMEOUT)
+    with_jwt = requests.get(
+        url, headers={"Authorization": f"Bearer {jwt}"}, timeout=TIMEOUT
+    )
+
+    assert anonymous.status_code == 401
+    assert with_jwt.json()["total"] == len(ORDER_FIELDS)
+
+
+# ------------------------------------------------------ profile fields PUT
+
+
+@pytest.mark.parametrize(
+    ("version", "status"), [(1, 303), (2, 303), (3, 204), (4, 204)]
+)
+def test_put_profile_fields_takes_a_flat_body_in_every_version(
+    standin, version, status
+):
+    profile_id = standin.add_profile(SHOP, {"email": "a@example.com"})
+
+    response = api_put(
+        standin,
+        f"profile/{profile_id}/fields",
+        {"FIRSTNAME": "Ann", "nickname": "ignored"},
+        version=version,
+    )
+
+    assert response.status_code == status
+    assert "X-Created" not in response.headers
+    fields = standin.profiles(SHOP)[0]["fields"]
+    assert (fields["firstname"], fields["email"]) == ("Ann", "a@example.com")
+    assert "FIRSTNAME" not in fields and "nickname" not in fields
+
+
+def test_put_profile_fields_303_echoes_the_request(standin):
+    profile_id = standin.add_profile(SHOP, {"email": "a@example.com"})
+
+    response = api_put(standin, f"profile/{profile_id}/fields", {"age": 30})
+
+    assert response.headers["Location"] == (
+        f"/profile/{profile_id}/fields?access_token={TOKEN}"
+    )
+
+
+def test_put_profile_fields_answers_200_when_put_status_is_200():
+    with CopernicaStandIn(
+        access_token=TOKEN, databases={SHOP: SHOP_FIELDS}, put_status=200
+    ) as standin:
+        profile_id = standin.add_profile(SHOP, {"email": "a@example.com"})
+        response = api_put(standin, f"profile/{profile_id}/fields", {}, version=2)
+
+    assert response.status_code == 200
+    assert "Location" not in response.headers
+
+
+def test_put_profile_fields_with_a_wrapped_body_changes_nothing(standin):
+    profile_id = standin.add_profile(SHOP, {"email": "a@example.com"})
+
+    response = api_put(
+        standin, f"profile/{profile_id}/fields", {"fields": {"firstname": "Ann"}}, 4
+    )
+
+    assert response.status_code == 204
+    assert standin.profiles(SHOP)[0]["fields"]["firstname"] == ""
+
+
+@pytest.mark.parametrize("reference", ["42", "nobody"])
+def test_put_profile_fields_on_unknown_profile_is_a_400(standin, reference):
+    response = api_put(standin, f"profile/{reference}/fields", {"email": "a@x.com"})
+
+    assert response.status_code == 400
+    assert error_message(response) == "No entity with supplied ID"
+
+
+# ------------------------------------------------------ subprofiles GET
+
+
+def put_order(standin, profile_id, order_id, total, collection="orders"):
+    response = api_put(
+        standin,
+        f"profile/{profile_id}/subprofiles/{collection}"
+        f"?fields[]=order_id%3D%3D{order_id}&create=1",
+        {"order_id": order_id, "total": total},
+    )
+    assert response.status_code == 303
+
+
+@pytest.mark.parametrize("collection", ["1", "ORDERS"])
+def test_get_profile_subprofiles_pages_that_profiles_subprofiles(standin, collection):
+    ann = standin.add_profile(SHOP, {"email": "a@example.com"})
+    bob = standin.add_profile(SHOP, {"email": "b@example.com"})
+    put_order(standin, ann, "7", 10)
+    put_order(standin, bob, "8", 20)
+    put_order(standin, ann, "9", 30, collection="1")
+
+    response = api_get(standin, f"profile/{ann}/subprofiles/{collection}")
+
+    page = response.json()
+    assert (page["start"], page["count"], page["total"]) == (0, 2, 2)
+    first = page["data"][0]
+    assert (first["ID"], first["profile"], first["collection"]) == (500001, ann, 1)
+    assert first["fields"] == {"order_id": "7", "total": 10}
+    assert [item["fields"]["order_id"] for item in page["data"]] == ["7", "9"]
+    assert [item["id"] for item in standin.subprofiles(ann, "orders")] == [
+        item["ID"] for item in page["data"]
+    ]
+
+
+def test_get_profile_subprofiles_filters_and_pages(standin):
+    ann = standin.add_profile(SHOP, {"email": "a@example.com"})
+    for order_id in ["1", "2", "3"]:
+        put_order(standin, ann, order_id, int(order_id) * 10)
+
+    filtered = api_get(
+        standin, f"profile/{ann}/subprofiles/orders?fields[]=total%3E10"
+    ).json()
+    paged = api_get(standin, f"profile/{ann}/subprofiles/orders?start=1&limit=1")
+
+    assert [item["fields"]["order_id"] for item in filtered["data"]] == ["2", "3"]
+    page = paged.json()
+    assert (page["start"], page["limit"], page["count"], page["total"]) == (1, 1, 1, 3)
+    assert page["data"][0]["fields"]["order_id"] == "2"
+
+
+def test_get_profile_subprofiles_rejects_unknown_profile_or_collection(standin):
+    ann = standin.add_profile(SHOP, {"email": "a@example.com"})
+
+    no_profile = api_get(standin, "profile/42/subprofiles/orders")
+    no_collection = api_get(standin, f"profile/{ann}/subprofiles/returns")
+
+    assert error_message(no_profile) == "No entity with supplied ID"
+    assert error_message(no_collection) == "No collection with given ID"
+
+
+# ------------------------------------------------------------ strict fields
+
+
+@pytest.fixture
+def strict():
+    with CopernicaStandIn(
+        access_token=TOKEN,
+        databases={SHOP: SHOP_FIELDS},
+        collections={SHOP: {"Orders": ORDER_FIELDS}},
+        strict_fields=True,
+    ) as running:
+        yield running
+        assert running.errors == []
+
+
+def test_strict_fields_rejects_an_unknown_body_field_and_applies_nothing(strict):
+    strict.add_profile(SHOP, {"email": "a@example.com"})
+
+    response = put_profiles(
+        strict,
+        ["email==a@example.com"],
+        {"firstname": "Ann", "Nickname": "Annie", "age": 3},
+    )
+
+    assert response.status_code == 400
+    assert error_message(response) == UNKNOWN_FIELD_MESSAGE.format(name="Nickname")
+    assert error_message(response) == "Unknown field: Nickname"
+    assert strict.profiles(SHOP)[0]["fields"]["firstname"] == ""
+
+
+def test_strict_fields_catches_a_v2_body_sent_to_v1(strict):
+    response = put_profiles(
+        strict, ["email==a@example.com"], {"fields": {"email": "a@example.com"}}
+    )
+
+    assert error_message(response) == "Unknown field: fields"
+    assert strict.profiles(SHOP) == []
+
+
+def test_strict_fields_checks_inside_fields_from_v2_on(strict):
+    email = ["email==a@example.com"]
+    good = put_profiles(strict, email, {"fields": {"EMAIL": "a@x.com"}}, version=2)
+    bad = put_profiles(strict, email, {"fields": {"mail": "x"}}, version=3)
+
+    assert good.status_code == 303
+    assert bad.status_code == 400
+    assert error_message(bad) == "Unknown field: mail"
+
+
+def test_strict_fields_still_ignores_filters_on_unknown_fields(strict):
+    strict.add_profile(SHOP, {"email": "a@example.com"})
+    strict.add_profile(SHOP, {"email": "b@example.com"})
+
+    response = put_profiles(strict, ["emial==a@example.com"], {"firstname": "Oops"})
+
+    assert response.status_code == 303
+    assert [p["fields"]["firstname"] for p in strict.profiles(SHOP)] == [
+        "Oops",
+        "Oops",
+    ]
+    assert strict.ignored_filters == ["emial==a@example.com"]
+
+
+def test_strict_fields_applies_to_subprofile_put(strict):
+    ann = strict.add_profile(SHOP, {"email": "a@example.com"})
+
+    response = api_put(
+        strict,
+        f"profile/{ann}/subprofiles/orders?fields[]=order_id%3D%3D7&create=1",
+        {"order_id": "7", "amount": 10},
+    )
+
+    assert error_message(response) == "Unknown field: amount"
+    assert strict.subprofiles(ann, "orders") == []
+
+
+def test_strict_fields_leaves_single_profile_put_lenient(strict):
+    ann = strict.add_profile(SHOP, {"email": "a@example.com"})
+
+    response = api_put(strict, f"profile/{ann}/fields", {"age": 5, "shoe": 42})
+
+    assert response.status_code == 303
+    assert strict.profiles(SHOP)[0]["fields"]["age"] == 5
+
+
+# ------------------------------------------------------------------- load
+
+
+def test_requests_to_filters_by_path_fragment_and_method(standin):
+    ann = standin.add_profile(SHOP, {"email": "a@example.com"})
+    api_get(standin, f"database/{SHOP}/fields")
+    put_profiles(standin, ["email==a@example.com"], {})
+    api_put(standin, f"profile/{ann}/fields", {})
+
+    assert [r.path for r in standin.requests_to("/fields")] == [
+        f"/v1/database/{SHOP}/fields",
+        f"/v1/profile/{ann}/fields",
+    ]
+    assert [r.method for r in standin.requests_to("/fields", method="put")] == ["PUT"]
+    assert standin.requests_to("/collection/") == []
+
+
+def test_arrival_times_are_the_recorded_arrivals_in_order(standin):
+    for _ in range(3):
+        api_get(standin, f"database/{SHOP}/fields")
+
+    times = standin.arrival_times()
+    assert times == [record.received_at for record in standin.requests]
+    assert times == sorted(times) and len(times) == 3
+    assert times[-1] <= time.monotonic()
+
+
+def test_a_client_that_waits_for_each_answer_has_peak_concurrency_one(standin):
+    assert standin.peak_concurrency == 0
+
+    for _ in range(5):
+        api_get(standin, f"database/{SHOP}/fields")
+
+    assert standin.peak_concurrency == 1
+
+
+def run_in_threads(count, call):
+    """Start ``count`` threads running ``call``; return them and their results."""
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(call())) for _ in range(count)
+    ]
+    for thread in threads:
+        thread.start()
+    return threads, results
+
+
+def join_all(threads):
+    for thread in threads:
+        thread.join(timeout=TIMEOUT)
+    assert not any(thread.is_alive() for thread in threads)
+
+
+def test_peak_concurrency_counts_hanging_requests_until_answered(standin):
+    standin.add_fault(Fault(status=None, hang=True, times=3))
+    threads, results = run_in_threads(
+        3, lambda: api_get(standin, f"database/{SHOP}/fields").status_code
+    )
+    standin.wait_for_requests(3, timeout=TIMEOUT)
+
+    assert standin.peak_concurrency == 3
+    standin.release()
+    join_all(threads)
+    api_get(standin, f"database/{SHOP}/fields")
+
+    assert results == [200, 200, 200]
+    assert standin.peak_concurrency == 3
+    standin.clear()
+    assert standin.peak_concurrency == 0
+
+
+def test_overload_above_concurrency_refuses_without_using_up_a_fault():
+    with CopernicaStandIn(
+        access_token=TOKEN, databases={SHOP: SHOP_FIELDS}, overload_above_concurrency=1
+    ) as standin:
+        standin.add_fault(Fault(status=None, hang=True))
+        standin.add_fault(Fault(502))
+        threads, results = run_in_threads(
+            1, lambda: put_profiles(standin, ["email==a@x.com"], {}).status_code
+        )
+        standin.wait_for_requests(1, timeout=TIMEOUT)
+
+        refused = put_profiles(standin, ["email==a@x.com"], {})
+        standin.release()
+        join_all(threads)
+        after = put_profiles(standin, ["email==a@x.com"], {})
+
+        assert refused.status_code == 503
+        assert "Loadbalancer Error" in refused.text
+        assert refused.headers["Content-Type"].startswith("text/html")
+        assert (results, after.status_code) == ([303], 502)
+        assert [request.status for request in standin.requests] == [303, 503, 502]
+        assert standin.peak_concurrency == 2
+
+
+def test_overload_above_rps_refuses_once_the_last_second_is_full():
+    with CopernicaStandIn(
+        access_token=TOKEN, databases={SHOP: SHOP_FIELDS}, overload_above_rps=2
+    ) as standin:
+        body = {"email": "a@x.com"}
+        statuses = [
+            put_profiles(standin, ["email==a@x.com"], body).status_code
+            for _ in range(5)
+        ]
+        refused = standin.requests[-1]
+        time.sleep(RATE_WINDOW_SECONDS + 0.05)
+        later = put_profiles(standin, ["email==a@x.com"], body)
+
+        assert statuses == [303, 303, 303, 503, 503]
+        assert refused.status == 503
+        assert later.status_code == 303
+        assert len(standin.profiles(SHOP)) == 1
+
+
+def test_overload_rules_leave_the_jwt_endpoint_alone():
+    with CopernicaStandIn(
+        access_token=TOKEN, databases={SHOP: SHOP_FIELDS}, overload_above_rps=0
+    ) as standin:
+        jwts = [fetch_jwt(standin) for _ in range(3)]
+        first = put_profiles(
+            standin,
+            ["email==a@x.com"],
+            {"fields": {"email": "a@x.com"}},
+            version=4,
+            token=None,
+            headers={"Authorization": f"Bearer {jwts[-1]}"},
+        )
+        second = put_profiles(standin, ["email==a@x.com"], {})
+
+    assert (first.status_code, second.status_code) == (201, 503)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"overload_above_rps": -1}, {"overload_above_concurrency": 0}]
+)
+def test_overload_options_reject_nonsense(kwargs):
+    with pytest.raises(ValueError):
+        CopernicaStandIn(**kwargs)

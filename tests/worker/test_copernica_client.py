@@ -8,8 +8,7 @@ import pytest
 
 from tests.standin.copernica import CopernicaStandIn, Fault
 from tools.embedded_redis import free_port
-from worker.copernica import ApiV1, CopernicaClient, TransportError
-from worker.mapping import ProfileUpdate
+from worker.copernica import ApiV1, CopernicaClient, StaticToken, TransportError
 
 TOKEN = "tok+/=%&en-secret"
 EMAIL = "person+tag@example.com"
@@ -18,7 +17,7 @@ EMAIL = "person+tag@example.com"
 def client(base_url: str, read_timeout: float = 2.0) -> CopernicaClient:
     return CopernicaClient(
         base_url=base_url,
-        access_token=TOKEN,
+        credentials=StaticToken(TOKEN),
         api=ApiV1(),
         connect_timeout=1.0,
         read_timeout=read_timeout,
@@ -26,15 +25,7 @@ def client(base_url: str, read_timeout: float = 2.0) -> CopernicaClient:
 
 
 def call():
-    update = ProfileUpdate(
-        rule="r",
-        database="1",
-        selector=(("email", EMAIL),),
-        fields={"email": EMAIL},
-        create=True,
-        async_=False,
-    )
-    return ApiV1().profile_put(update, "1")
+    return ApiV1().profile_put("1", (("email", EMAIL),), {"email": EMAIL}, True, False)
 
 
 @pytest.fixture

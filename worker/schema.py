@@ -1,0 +1,130 @@
+"""Which fields a Copernica database (and its collections) really has.
+
+Copernica silently ignores a ``fields[]`` filter on a field it does not know;
+on a PUT that could update every profile of the database. So no call leaves
+the relay that names a field the target lacks. Field lists come from
+``GET database/{id}/fields`` (and ``GET database/{id}/collections``), are
+cached in Redis for RELAY_SCHEMA_TTL and fetched anew when a check fails, so
+a field added in Copernica a minute ago is not refused. Names compare
+case-insensitively, as Copernica compares them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from worker.copernica import PAGE_LIMIT, Answer, CopernicaClient
+
+SCHEMA_PREFIX = "relay:schema:"
+
+#: Filter names Copernica understands on every database without a field.
+SPECIAL_SELECTOR_FIELDS = frozenset({"id", "code"})
+
+
+class SchemaUnavailable(Exception):
+    """Copernica would not list the fields; the answer says why."""
+
+    def __init__(self, answer: Answer | None, what: str):
+        self.answer = answer
+        detail = f"{answer.status}: {answer.message}" if answer else "no answer"
+        super().__init__(f"could not list the fields of {what} ({detail})")
+
+
+@dataclass(frozen=True)
+class Schema:
+    fields: frozenset[str]  # lower-cased
+    collections: Mapping[str, frozenset[str]]  # name and id, lower-cased -> fields
+
+    def missing(self, names: Iterable[str], selector: bool = False) -> list[str]:
+        allowed = self.fields | (SPECIAL_SELECTOR_FIELDS if selector else frozenset())
+        return [name for name in names if name.lower() not in allowed]
+
+    def missing_in_collection(
+        self, collection: str, names: Iterable[str], selector: bool = False
+    ) -> list[str] | None:
+        """Names the collection lacks, or None when there is no such collection."""
+        fields = self.collections.get(collection.lower())
+        if fields is None:
+            return None
+        allowed = fields | (SPECIAL_SELECTOR_FIELDS if selector else frozenset())
+        return [name for name in names if name.lower() not in allowed]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "fields": sorted(self.fields),
+                "collections": {k: sorted(v) for k, v in self.collections.items()},
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Schema:
+        data = json.loads(text)
+        return cls(
+            fields=frozenset(data["fields"]),
+            collections={k: frozenset(v) for k, v in data["collections"].items()},
+        )
+
+
+def fetch_schema(client: CopernicaClient, database: str) -> Schema:
+    """Ask Copernica; raises SchemaUnavailable or TransportError."""
+    fields = _names(_all_pages(client, database), f"database {database}")
+    answer = client.send(client.api.collections_get(database))
+    if not answer.ok:
+        raise SchemaUnavailable(answer, f"the collections of database {database}")
+    collections = {}
+    for item in _page_data(answer.data):
+        names = frozenset(
+            str(f.get("name", "")).lower() for f in _page_data(item.get("fields"))
+        )
+        for handle in (item.get("name"), item.get("ID")):
+            if handle is not None:
+                collections[str(handle).lower()] = names
+    return Schema(fields=fields, collections=collections)
+
+
+def _all_pages(client: CopernicaClient, database: str) -> list[dict]:
+    items: list[dict] = []
+    while True:
+        answer = client.send(client.api.fields_get(database, start=len(items)))
+        if not answer.ok:
+            raise SchemaUnavailable(answer, f"database {database}")
+        page = _page_data(answer.data)
+        items.extend(page)
+        total = answer.data.get("total") if isinstance(answer.data, dict) else None
+        if len(page) < PAGE_LIMIT or (isinstance(total, int) and len(items) >= total):
+            return items
+
+
+def _page_data(data) -> list[dict]:
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        return [item for item in data["data"] if isinstance(item, dict)]
+    return []
+
+
+def _names(items: list[dict], what: str) -> frozenset[str]:
+    return frozenset(str(item.get("name", "")).lower() for item in items)
+
+
+class SchemaCache:
+    """Field lists per database, shared by all workers through Redis."""
+
+    def __init__(self, connection, client: CopernicaClient, ttl_seconds: int):
+        self.connection = connection
+        self.client = client
+        self.ttl = ttl_seconds
+
+    def get(self, database: str, fresh: bool = False) -> Schema:
+        key = f"{SCHEMA_PREFIX}{database.lower()}"
+        if not fresh:
+            cached = self.connection.get(key)
+            if cached:
+                return Schema.from_json(cached)
+        schema = fetch_schema(self.client, database)
+        self.connection.set(key, schema.to_json(), ex=self.ttl)
+        return schema
+
+    def forget(self, database: str) -> None:
+        self.connection.delete(f"{SCHEMA_PREFIX}{database.lower()}")
