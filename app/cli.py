@@ -16,6 +16,10 @@ from flask.cli import with_appcontext
 
 from app import failed as failed_store
 from app.signatures import TYPEFORM_PREFIX, sign
+from worker.copernica import AuthenticationRefused, TransportError
+from worker.jobs import client_for
+from worker.mapping import load_privacy
+from worker.schema import SchemaUnavailable, fetch_schema
 
 DEFAULT_URL = f"http://127.0.0.1:{os.environ.get('PORT', '8000')}"
 
@@ -110,16 +114,33 @@ def _check_typeform_topic(body: bytes, topic: str) -> None:
 
 @click.group("failed")
 def failed():
-    """List, show, requeue and purge failed deliveries."""
+    """List, show, requeue and purge failed deliveries.
+
+    Deliveries are named by job id or delivery id. Times are ISO
+    (2026-12-04T10:00), in UTC unless they carry an offset, and are matched
+    against when the delivery failed.
+    """
 
 
 def _filters(command):
     """The options that choose failed deliveries, shared by every subcommand."""
     options = [
-        click.option("--source", type=click.Choice(["shopify", "typeform"])),
-        click.option("--topic", help="Exact topic, e.g. customers/update."),
-        click.option("--since", type=_Moment(), help="Failed at or after (ISO time)."),
-        click.option("--until", type=_Moment(), help="Failed at or before (ISO time)."),
+        click.option(
+            "--source",
+            type=click.Choice(["shopify", "typeform"]),
+            help="Only deliveries from this source.",
+        ),
+        click.option("--topic", help="Only this exact topic, e.g. customers/update."),
+        click.option(
+            "--since",
+            type=_Moment(),
+            help="Failed at or after this time (ISO, UTC unless offset).",
+        ),
+        click.option(
+            "--until",
+            type=_Moment(),
+            help="Failed at or before this time (ISO, UTC unless offset).",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -150,7 +171,7 @@ def _chosen(ids, source, topic, since, until):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @with_appcontext
 def failed_list(source, topic, since, until, as_json):
-    """Failed deliveries, oldest first; emails in reasons masked."""
+    """List failed deliveries, oldest first, emails masked."""
     _, chosen = _chosen((), source, topic, since, until)
     chosen.sort(key=lambda item: item.failed_at or datetime.min.replace(tzinfo=UTC))
     for item in chosen:
@@ -164,14 +185,14 @@ def failed_list(source, topic, since, until, as_json):
                 f"    {row['reason']}"
             )
     if not as_json:
-        click.echo(f"{len(chosen)} failed deliveries")
+        click.echo(_count(len(chosen), "failed delivery", "failed deliveries"))
 
 
 @failed.command("show")
 @click.argument("ident")
 @with_appcontext
 def failed_show(ident):
-    """One failed delivery by job id or delivery id; personal data masked."""
+    """Show one failed delivery, personal data masked."""
     _, chosen = _chosen((ident,), None, None, None, None)
     if not chosen:
         raise click.ClickException(f"no failed delivery {ident!r}")
@@ -195,9 +216,14 @@ def failed_show(ident):
 @click.option("--all", "everything", is_flag=True, help="Every failed delivery.")
 @with_appcontext
 def failed_requeue(ids, source, topic, since, until, everything):
-    """Put failed deliveries (by id, or chosen by filters) back on the queue."""
+    """Put failed deliveries back on the queue.
+
+    Name job or delivery ids, or choose with the filters; every failed
+    delivery takes --all. Each is mapped again with the mapping in force.
+    """
     _need_choice(ids, source, topic, since, until, everything)
     queue, chosen = _chosen(ids, source, topic, since, until)
+    _all_found(ids, chosen)
     for item in chosen:
         failed_store.requeue(queue, item)
         click.echo(
@@ -212,12 +238,31 @@ def failed_requeue(ids, source, topic, since, until, everything):
 @click.option("--all", "everything", is_flag=True, help="Every failed delivery.")
 @with_appcontext
 def failed_purge(ids, source, topic, since, until, everything):
-    """Delete failed deliveries (by id, or chosen by filters) for good."""
+    """Delete failed deliveries for good.
+
+    Name job or delivery ids, or choose with the filters; every failed
+    delivery takes --all.
+    """
     _need_choice(ids, source, topic, since, until, everything)
     queue, chosen = _chosen(ids, source, topic, since, until)
+    _all_found(ids, chosen)
     for item in chosen:
         failed_store.purge(queue, item)
     click.echo(f"{len(chosen)} purged")
+
+
+def _all_found(ids, chosen) -> None:
+    # A mistyped id must not pass as "0 requeued".
+    found = {item.job_id for item in chosen} | {item.delivery_id for item in chosen}
+    unknown = [ident for ident in ids if ident not in found]
+    if unknown:
+        raise click.ClickException(
+            f"no failed delivery {', '.join(map(repr, unknown))}; nothing done"
+        )
+
+
+def _count(number: int, one: str, many: str) -> str:
+    return f"{number} {one if number == 1 else many}"
 
 
 def _need_choice(ids, source, topic, since, until, everything):
@@ -226,4 +271,76 @@ def _need_choice(ids, source, topic, since, until, everything):
         raise click.UsageError("name job or delivery ids, give a filter, or --all")
 
 
-COMMANDS = [send, failed]
+@click.command("check")
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="Check configuration and mapping only; do not ask Copernica.",
+)
+@with_appcontext
+def check(offline):
+    """Check configuration and mapping, and the mapping against Copernica.
+
+    Reading the configuration and the mapping already happened before this
+    runs (a problem there stops it with exit code 2). Then every database a
+    rule or the privacy section writes to is asked for its fields and
+    collections, and every field the mapping names must exist there. Exit
+    code 1 when something is missing or Copernica cannot be asked.
+    """
+    from worker.schema import privacy_problems, rule_problems
+
+    relay = current_app.extensions["relay"]
+    settings, rules = relay["settings"], relay["rules"]
+    privacy = load_privacy(settings.mappings_path, settings.copernica_database)
+    click.echo(f"configuration: ok ({len(rules)} rules from {settings.mappings_path})")
+    for source in ("shopify", "typeform"):
+        count = len(settings.secrets_for(source))
+        click.echo(
+            f"  {source}: {count or 'NO'} secret(s)"
+            + ("" if count else " - its webhooks are answered 503")
+        )
+
+    if offline or settings.dry_run:
+        why = "--offline" if offline else "no COPERNICA_ACCESS_TOKEN (dry run)"
+        click.echo(f"Copernica not asked: {why}")
+        return
+
+    client = client_for(context_for(settings, rules, privacy), relay["redis"])
+    targets: dict[str, list] = {}
+    for rule in rules:
+        targets.setdefault(rule.database, []).append(rule)
+    if privacy.database not in targets:
+        targets[privacy.database] = []
+
+    failures = 0
+    for database, database_rules in targets.items():
+        try:
+            schema = fetch_schema(client.send, client.api, database)
+        except (SchemaUnavailable, TransportError, AuthenticationRefused) as error:
+            click.echo(f"database {database}: {error}")
+            failures += 1
+            continue
+        checks = [(rule.name, rule_problems(rule, schema)) for rule in database_rules]
+        if privacy.database == database:
+            checks.append(("privacy", privacy_problems(privacy, schema)))
+        for name, problems in checks:
+            for problem in problems:
+                click.echo(f"database {database}: {name}: {problem}")
+            failures += len(problems)
+        if not any(problems for _, problems in checks):
+            click.echo(
+                f"database {database}: ok ({len(schema.fields)} fields, "
+                f"{len(checks)} rule(s))"
+            )
+    if failures:
+        raise click.ClickException(_count(failures, "problem", "problems") + " found")
+    click.echo("mapping matches Copernica")
+
+
+def context_for(settings, rules, privacy):
+    from worker.jobs import WorkerContext
+
+    return WorkerContext(settings, rules, privacy)
+
+
+COMMANDS = [send, failed, check]

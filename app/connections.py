@@ -14,8 +14,9 @@ WEB_SOCKET_TIMEOUT_SECONDS = 2.0
 #: dropped by the server (or a proxy) is replaced instead of failing a request.
 HEALTH_CHECK_INTERVAL_SECONDS = 30
 
-#: Upper bound of connections per process; web threads share them.
-MAX_CONNECTIONS = 32
+#: Upper bound of connections per process: a web process needs about one per
+#: thread (8 by default), a worker four (jobs, scheduler, pub/sub, spare).
+MAX_CONNECTIONS = 16
 
 
 def connect(

@@ -9,7 +9,6 @@ mapping in force then, and calls that had already succeeded are not repeated.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,9 +18,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.registry import FailedJobRegistry
 
-from app.logs import mask
-
-EMAIL_IN_TEXT = re.compile(r"[^\s@'\"<>(),;:]{1,64}@[^\s@'\"<>(),;:]+")
+from app.logs import mask_text
 
 
 @dataclass(frozen=True)
@@ -49,11 +46,6 @@ class FailedDelivery:
             "attempts": self.attempts,
             "reason": mask_text(self.reason),
         }
-
-
-def mask_text(text: str) -> str:
-    """Free text (a reason, an error) with every email address in it masked."""
-    return EMAIL_IN_TEXT.sub(lambda found: mask(found.group(0)), text)
 
 
 def failed_deliveries(queue: Queue) -> list[FailedDelivery]:

@@ -18,6 +18,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 EMAIL = re.compile(r"^([^@\s]{1,64})@([^@\s]+)$")
+#: An email address inside free text (an error message, a reason). "=" is
+#: left out of the local part so "email==a@b.se" keeps its "email==".
+EMAIL_IN_TEXT = re.compile(r"[^\s@'\"<>(),;:=]{1,64}@[^\s@'\"<>(),;:=]+")
 PHONE = re.compile(r"^\+?[\d\s().-]{7,}$")
 
 RELAY_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -108,6 +111,11 @@ def mask(value: Any) -> Any:
     if PHONE.match(value):
         return f"***{value[-2:]}"
     return value
+
+
+def mask_text(text: str) -> str:
+    """Free text (a reason, an error) with every email address in it masked."""
+    return EMAIL_IN_TEXT.sub(lambda found: mask(found.group(0)), text)
 
 
 def mask_fields(fields: Mapping[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,8 @@ from urllib.parse import quote, quote_plus
 
 import requests
 
+from app.logs import mask_text
+
 #: Answers that mean Copernica took the call. A 303 is success on v1/v2 and is
 #: never followed: following it would turn the PUT into a GET.
 SUCCESS_STATUSES = frozenset({200, 201, 204, 303})
@@ -397,7 +399,9 @@ class CopernicaClient:
             message = str(response.json()["error"]["message"])
         except (ValueError, KeyError, TypeError):
             message = response.text.strip() or response.reason or ""
-        return self._redact(message)[:ERROR_TEXT_LIMIT]
+        # Copernica may quote the selector back; its email is masked here, so
+        # no reason, log line or failed delivery carries it in clear.
+        return mask_text(self._redact(message))[:ERROR_TEXT_LIMIT]
 
     def _redact(self, text: str) -> str:
         # Copernica may echo the request, and with it the token, in any of

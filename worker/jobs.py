@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from functools import cache
 from typing import Any
 
+import redis
 from rq import Queue, Retry, get_current_job
 
 from app.deliveries import Delivery
@@ -174,7 +175,12 @@ class Run:
         self.client = client_for(ctx, connection)
         self.last_duration_ms: int | None = None
         self.schemas = (
-            SchemaCache(connection, self.client, self.settings.schema_ttl_seconds)
+            SchemaCache(
+                connection,
+                lambda call: self.send(call, "field list"),
+                self.api,
+                self.settings.schema_ttl_seconds,
+            )
             if self.client
             else None
         )
@@ -308,8 +314,6 @@ class Run:
             if answer is not None and answer.status and not answer.retryable:
                 self.fail(update.rule, str(error), answer.status)
             self.require(answer or Answer(status=0, message=str(error)), update.rule)
-        except TransportError as error:
-            self.require(Answer(status=0, message=str(error)), update.rule)
 
         problems = []
         where = f"database {database}"
@@ -370,6 +374,25 @@ def deliver(record: dict[str, Any]) -> dict[str, Any] | Retry:
         return result
     except ComeBack as back:
         return back.retry
+    except redis.RedisError as error:
+        # Redis hiccupped mid-delivery (a lock, a mark, the field cache): the
+        # delivery has not failed; try again on the schedule.
+        attempt.failures += 1
+        delay = next_delay(attempt.failures - 1, ctx.settings.retry_schedule_seconds)
+        run.log(
+            "delivery will be retried",
+            outcome="retry",
+            level=logging.WARNING,
+            reason=f"Redis: {type(error).__name__}",
+            retry_in_s=delay,
+        )
+        if delay is None:
+            meta["reason"] = (
+                f"gave up after {attempt.failures} attempts; last: Redis "
+                f"{type(error).__name__}"
+            )
+            raise DeliveryFailed(meta["reason"]) from None
+        return Retry(max=RQ_RETRY_CEILING, interval=delay)
     except DeliveryFailed as error:
         meta["reason"] = str(error)
         meta["failed_at"] = datetime.now(UTC).isoformat(timespec="seconds")

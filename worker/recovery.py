@@ -111,6 +111,13 @@ class RelayWorker(SimpleWorker):
         # deliveries sooner. The job cannot outlive its limit anyway.
         return int(job.timeout or 0) + ABANDON_GRACE_SECONDS
 
+    def handle_exception(self, job: Job, *exc_info) -> None:
+        # A delivery that failed for a known reason was logged by the relay in
+        # one line; RQ's traceback at error level would only repeat it.
+        if exc_info and getattr(exc_info[0], "__name__", "") == "DeliveryFailed":
+            return
+        super().handle_exception(job, *exc_info)
+
     def clean_registries(self) -> None:
         for queue in self.queues:
             try:

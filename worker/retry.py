@@ -60,8 +60,8 @@ def next_delay(
 
     ``retries_done`` counts the retries already made (0 after the first
     attempt failed). A server's ``Retry-After`` replaces the scheduled delay
-    when it is longer, but never exceeds the schedule's longest delay, so a
-    huge value cannot park an event for weeks.
+    when it is longer, but is capped at the schedule's longest delay (plus
+    the slack second), so a huge value cannot park an event for weeks.
     """
     if retries_done >= len(schedule):
         return None
@@ -72,9 +72,7 @@ def next_delay(
         # RQ's scheduler keeps times in whole seconds and may run a job up to
         # a second early; the extra second keeps the retry from coming sooner
         # than the server asked.
-        delay = min(
-            math.ceil(retry_after) + RETRY_AFTER_SLACK_SECONDS, float(max(schedule))
-        )
+        delay = min(math.ceil(retry_after), max(schedule)) + RETRY_AFTER_SLACK_SECONDS
     return max(1, round(delay))
 
 

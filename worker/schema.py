@@ -12,10 +12,14 @@ case-insensitively, as Copernica compares them.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from worker.copernica import PAGE_LIMIT, Answer, CopernicaClient
+from worker.copernica import PAGE_LIMIT, Answer, ApiV1, Call
+
+#: Sends one call and returns Copernica's answer (the client's send, or the
+#: worker's, which also keeps to the shared limits).
+Send = Callable[[Call], Answer]
 
 SCHEMA_PREFIX = "relay:schema:"
 
@@ -68,10 +72,10 @@ class Schema:
         )
 
 
-def fetch_schema(client: CopernicaClient, database: str) -> Schema:
-    """Ask Copernica; raises SchemaUnavailable or TransportError."""
-    fields = _names(_all_pages(client, database), f"database {database}")
-    answer = client.send(client.api.collections_get(database))
+def fetch_schema(send: Send, api: ApiV1, database: str) -> Schema:
+    """Ask Copernica; raises SchemaUnavailable (or what ``send`` raises)."""
+    fields = _names(_all_pages(send, api, database), f"database {database}")
+    answer = send(api.collections_get(database))
     if not answer.ok:
         raise SchemaUnavailable(answer, f"the collections of database {database}")
     collections = {}
@@ -85,10 +89,10 @@ def fetch_schema(client: CopernicaClient, database: str) -> Schema:
     return Schema(fields=fields, collections=collections)
 
 
-def _all_pages(client: CopernicaClient, database: str) -> list[dict]:
+def _all_pages(send: Send, api: ApiV1, database: str) -> list[dict]:
     items: list[dict] = []
     while True:
-        answer = client.send(client.api.fields_get(database, start=len(items)))
+        answer = send(api.fields_get(database, start=len(items)))
         if not answer.ok:
             raise SchemaUnavailable(answer, f"database {database}")
         page = _page_data(answer.data)
@@ -111,9 +115,10 @@ def _names(items: list[dict], what: str) -> frozenset[str]:
 class SchemaCache:
     """Field lists per database, shared by all workers through Redis."""
 
-    def __init__(self, connection, client: CopernicaClient, ttl_seconds: int):
+    def __init__(self, connection, send: Send, api: ApiV1, ttl_seconds: int):
         self.connection = connection
-        self.client = client
+        self.send = send
+        self.api = api
         self.ttl = ttl_seconds
 
     def get(self, database: str, fresh: bool = False) -> Schema:
@@ -122,9 +127,44 @@ class SchemaCache:
             cached = self.connection.get(key)
             if cached:
                 return Schema.from_json(cached)
-        schema = fetch_schema(self.client, database)
+        schema = fetch_schema(self.send, self.api, database)
         self.connection.set(key, schema.to_json(), ex=self.ttl)
         return schema
 
     def forget(self, database: str) -> None:
         self.connection.delete(f"{SCHEMA_PREFIX}{database.lower()}")
+
+
+def rule_problems(rule, schema: Schema) -> list[str]:
+    """Every field a mapping rule names that the database lacks (for check)."""
+    problems = [
+        f"key field {name!r} is not a field of the database"
+        for name in schema.missing(rule.key, selector=True)
+    ]
+    problems += [
+        f"field {name!r} is not a field of the database"
+        for name in schema.missing(sorted(set(rule.fields) - set(rule.key)))
+    ]
+    collection = rule.collection
+    if collection is not None:
+        names = sorted(set(collection.fields) | set(collection.key))
+        missing = schema.missing_in_collection(collection.name, names)
+        if missing is None:
+            problems.append(f"the database has no collection {collection.name!r}")
+        for name in missing or ():
+            problems.append(
+                f"field {name!r} is not a field of collection {collection.name!r}"
+            )
+    return problems
+
+
+def privacy_problems(privacy, schema: Schema) -> list[str]:
+    problems = [
+        f"match field {name!r} is not a field of the database"
+        for name in schema.missing(privacy.match, selector=True)
+    ]
+    problems += [
+        f"clear field {name!r} is not a field of the database"
+        for name in schema.missing(privacy.clear)
+    ]
+    return problems

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from app.failed import FailedDelivery, mask_text, select
+from app.failed import FailedDelivery, select
+from app.logs import mask_text
 
 
 def item(job, source="shopify", topic="customers/update", hour=10, delivery=None):
@@ -42,4 +43,10 @@ def test_emails_in_reasons_are_masked():
     assert (
         mask_text(text)
         == "rule: Copernica answered 400: email j***@example.com invalid"
+    )
+
+
+def test_operators_before_an_address_are_kept():
+    assert mask_text("Invalid selector email==zoe+shop@example.com") == (
+        "Invalid selector email==z***@example.com"
     )

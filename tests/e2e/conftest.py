@@ -27,20 +27,36 @@ DATABASE_FIELDS = [
 ]
 
 
+ORDER_FIELDS = ["order_id", "order_number", "order_date", "total", "currency", "status"]
+
+
+@pytest.fixture(scope="module", params=[1, 4], ids=["api-v1", "api-v4"])
+def api_version(request):
+    """The same end-to-end tests run against Copernica's API v1 and v4."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def standin():
+def standin(api_version):
     with CopernicaStandIn(
         access_token=COPERNICA_TOKEN,
         databases={1234: DATABASE_FIELDS},
+        collections={1234: {"orders": ORDER_FIELDS}},
         put_status=303,
     ) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def relay(redis_server, standin, tmp_path_factory):
+def relay(redis_server, standin, api_version, tmp_path_factory):
     relay = Relay(
-        env=relay_env(redis_server.url, standin.base_url),
+        env=relay_env(
+            redis_server.url,
+            standin.base_url,
+            COPERNICA_API_VERSION=str(api_version),
+            COPERNICA_AUTH_URL=f"{standin.base_url}/authenticate",
+            RELAY_QUEUE=f"deliveries-v{api_version}",
+        ),
         log_dir=tmp_path_factory.mktemp("relay-logs"),
     )
     relay.start_web()
@@ -51,12 +67,14 @@ def relay(redis_server, standin, tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def fresh_state(request, redis_server):
-    """Each test starts with no stand-in history and no dedupe keys."""
+    """Each test starts with no stand-in history and no relay memory."""
     if "standin" in request.fixturenames:
         request.getfixturevalue("standin").clear()
     import redis
 
     client = redis.Redis.from_url(redis_server.url)
-    for key in client.scan_iter("relay:dedupe:*"):
+    # The relay's memory of earlier tests: dedupe keys, order marks, locks,
+    # cached field lists and JWTs (the stand-in is new per module).
+    for key in client.scan_iter("relay:*"):
         client.delete(key)
     client.close()

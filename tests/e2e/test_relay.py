@@ -26,16 +26,30 @@ from tests.standin.copernica import Fault
 pytestmark = pytest.mark.e2e
 
 ZOE = "zoe.angstrom+shop@example.com"
-PROFILES_PATH = "/v1/database/1234/profiles"
 
 
-def expected_query(email: str, create: str = "1") -> list[tuple[str, str]]:
-    return [
-        ("fields[]", f"email=={email}"),
-        ("create", create),
-        ("async", "0"),
-        ("access_token", COPERNICA_TOKEN),
-    ]
+def profiles_path(version: int) -> str:
+    return f"/v{version}/database/1234/profiles"
+
+
+def expected_query(email: str, version: int) -> list[tuple[str, str]]:
+    query = [("fields[]", f"email=={email}"), ("create", "1"), ("async", "0")]
+    # v1 carries the token in the URL; v4 never does (Bearer header instead).
+    return query + [("access_token", COPERNICA_TOKEN)] if version == 1 else query
+
+
+def expected_body(fields: dict, version: int) -> dict:
+    return fields if version == 1 else {"fields": fields}
+
+
+def fields_of(record) -> dict:
+    """The profile fields a PUT carried, whatever the version's body shape."""
+    return record.json["fields"] if record.path.startswith("/v4/") else record.json
+
+
+def created_status(version: int) -> int:
+    # v1 here answers 303 (as observed on v2); v3/v4 answer 201 on create.
+    return 303 if version == 1 else 201
 
 
 FIXTURE_CASES = {
@@ -115,7 +129,7 @@ def send_fixture(relay, path: str, topic: str):
 
 @pytest.mark.parametrize("path", sorted(FIXTURE_CASES))
 def test_fixture_becomes_the_exact_copernica_request(
-    relay, standin, redis_server, path
+    relay, standin, redis_server, api_version, path
 ):
     topic, fields = FIXTURE_CASES[path]
 
@@ -126,13 +140,17 @@ def test_fixture_becomes_the_exact_copernica_request(
     assert job.get_status() == "finished", relay.logs()[-3000:]
     [received] = wait_for_writes(standin, 1)
     assert received.method == "PUT"
-    assert received.path == PROFILES_PATH
-    assert received.query == expected_query(fields["email"])
-    assert received.json == fields
+    assert received.path == profiles_path(api_version)
+    assert received.query == expected_query(fields["email"], api_version)
+    assert received.json == expected_body(fields, api_version)
     assert received.headers["content-type"] == "application/json"
+    if api_version == 4:
+        assert received.headers["authorization"].startswith("Bearer ")
 
 
-def test_order_fixture_with_its_recorded_headers(relay, standin, redis_server):
+def test_order_fixture_with_its_recorded_headers(
+    relay, standin, redis_server, api_version
+):
     recorded = json.loads((FIXTURES / "shopify" / "headers.json").read_text())
     body = fixture_bytes("shopify/orders_create.json")
 
@@ -140,22 +158,44 @@ def test_order_fixture_with_its_recorded_headers(relay, standin, redis_server):
 
     assert response.status_code == 202, response.text
     assert response.json()["delivery"] == recorded["headers"]["X-Shopify-Webhook-Id"]
-    wait_for_job(connection(redis_server), response.json()["job"])
-    [received] = wait_for_writes(standin, 1)
-    assert (received.method, received.path) == ("PUT", PROFILES_PATH)
-    assert received.query == expected_query(ZOE)
+    job = wait_for_job(connection(redis_server), response.json()["job"])
+    assert job.get_status() == "finished", relay.logs()[-3000:]
+    received, order = wait_for_writes(standin, 2)
+    assert (received.method, received.path) == ("PUT", profiles_path(api_version))
+    assert received.query == expected_query(ZOE, api_version)
     # Names from the order's customer, never from the gift shipping address.
-    assert received.json == {
-        "email": ZOE,
-        "firstname": "Zoë",
-        "lastname": "Ångström",
-        "shopify_customer_id": 8123456789012,
-        "last_order_number": "#1042",
-        "last_order_date": "2026-08-14 10:24:41",
-        "last_order_total": "886.30",
-        "last_order_currency": "SEK",
-        "last_order_status": "paid",
+    assert received.json == expected_body(
+        {
+            "email": ZOE,
+            "firstname": "Zoë",
+            "lastname": "Ångström",
+            "shopify_customer_id": 8123456789012,
+            "last_order_number": "#1042",
+            "last_order_date": "2026-08-14 10:24:41",
+            "last_order_total": "886.30",
+            "last_order_currency": "SEK",
+            "last_order_status": "paid",
+        },
+        api_version,
+    )
+
+    # The order itself, as a subprofile of the profile just created.
+    [profile] = standin.profiles(1234)
+    assert (order.method, order.path) == (
+        "PUT",
+        f"/v{api_version}/profile/{profile['id']}/subprofiles/orders",
+    )
+    assert order.query[:2] == [("fields[]", "order_id==6543210987654"), ("create", "1")]
+    assert order.json == {
+        "order_id": 6543210987654,
+        "order_number": "#1042",
+        "order_date": "2026-08-14 10:24:41",
+        "total": "886.30",
+        "currency": "SEK",
+        "status": "paid",
     }
+    [subprofile] = standin.subprofiles(profile["id"], "orders")
+    assert subprofile["fields"]["order_number"] == "#1042"
 
 
 @pytest.mark.parametrize(
@@ -196,10 +236,10 @@ def test_escaped_and_raw_utf8_bodies_arrive_intact(relay, standin, redis_server)
 
     first, second = wait_for_writes(standin, 2)
     assert first.query_values("fields[]") == ["email==esc/aped&x+1@example.com"]
-    assert first.json["firstname"] == "Line\u2028Sep"
-    assert first.json["lastname"] == "Åberg"
+    assert fields_of(first)["firstname"] == "Line\u2028Sep"
+    assert fields_of(first)["lastname"] == "Åberg"
     assert second.query_values("fields[]") == ["email==raw+2@example.com"]
-    assert second.json["lastname"] == "Öberg 🙂"
+    assert fields_of(second)["lastname"] == "Öberg 🙂"
 
 
 def test_typeform_body_ending_in_newline_is_accepted(relay, standin, redis_server):
@@ -212,7 +252,7 @@ def test_typeform_body_ending_in_newline_is_accepted(relay, standin, redis_serve
     assert response.status_code == 202, response.text
     wait_for_job(connection(redis_server), response.json()["job"])
     [received] = wait_for_writes(standin, 1)
-    assert received.json["email"] == "jose.nunez+newsletter@example.com"
+    assert fields_of(received)["email"] == "jose.nunez+newsletter@example.com"
 
 
 def test_plus_in_email_reaches_the_selector_exactly(relay, standin, redis_server):
@@ -287,7 +327,7 @@ def test_copernica_400_fails_at_once_with_its_message(relay, standin, redis_serv
 
 
 def test_copernica_503_twice_then_delivered_after_two_retries(
-    relay, standin, redis_server
+    relay, standin, redis_server, api_version
 ):
     standin.add_fault(Fault(method="PUT", status=503, times=2))
     body = b'{"id":11,"email":"flaky@example.com","first_name":"Flaky"}'
@@ -297,7 +337,11 @@ def test_copernica_503_twice_then_delivered_after_two_retries(
 
     assert job.get_status() == "finished", relay.logs()[-3000:]
     assert job.number_of_retries == 2
-    assert [r.status for r in writes(standin)] == [503, 503, 303]
+    assert [r.status for r in writes(standin)] == [
+        503,
+        503,
+        created_status(api_version),
+    ]
     [profile] = standin.profiles(1234)
     assert profile["fields"]["email"] == "flaky@example.com"
 

@@ -33,7 +33,7 @@ def test_no_delay_once_the_schedule_is_spent():
 def test_retry_after_wins_when_longer_but_is_capped():
     schedule = (10, 20, 600)
     assert next_delay(0, schedule, retry_after=300, rng=random.Random(1)) == 301
-    assert next_delay(0, schedule, retry_after=10**9) == 600
+    assert next_delay(0, schedule, retry_after=10**9) == 601
     assert next_delay(2, schedule, retry_after=1, rng=random.Random(1)) >= 600
 
 
