@@ -192,6 +192,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     log_level = env.get("LOG_LEVEL", "").strip().upper() or "INFO"
     if log_level not in LOG_LEVELS:
         problems.append(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
+    log_format = env.get("LOG_FORMAT", "").strip().lower()
+    if log_format not in ("", "json", "text"):
+        problems.append(f"LOG_FORMAT must be json or text, got {log_format!r}")
 
     connect_timeout = number(
         "COPERNICA_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT_SECONDS, float, 0.1

@@ -63,12 +63,14 @@ def test_redis_and_logging_settings_are_checked():
                 "REDIS_URL": "http://user:pw@host/0",
                 "REDIS_TLS_VERIFY": "no",
                 "LOG_LEVEL": "loud",
+                "LOG_FORMAT": "xml",
             }
         )
     text = str(raised.value)
     assert "REDIS_URL must start with" in text and "pw" not in text
     assert "REDIS_TLS_VERIFY must be true or false" in text
     assert "LOG_LEVEL must be one of" in text
+    assert "LOG_FORMAT must be json or text" in text
     assert not load_settings({"REDIS_TLS_VERIFY": "false"}).redis_tls_verify
 
 
