@@ -56,7 +56,7 @@ JOB_TIME_RESERVE_SECONDS = 3
 DEFAULT_ORDER_TTL_SECONDS = 35 * 24 * 3600
 
 #: How often a worker looks for deliveries abandoned by a dead worker.
-DEFAULT_RECOVERY_INTERVAL_SECONDS = 30
+DEFAULT_RECOVERY_INTERVAL_SECONDS = 10
 
 
 BUNDLED_MAPPINGS = Path(__file__).resolve().parent.parent / "worker" / "mappings.yaml"

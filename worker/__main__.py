@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import time
 
+import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
@@ -46,8 +49,50 @@ def main(argv: list[str] | None = None) -> int:
     settings = ctx.settings
     connection = connect(settings.redis_url, tls_verify=settings.redis_tls_verify)
     queue = Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
-    interval = settings.recovery_interval_seconds
-    worker = RelayWorker(
+    log.info(
+        "worker starting",
+        extra={"fields": {"rules": len(ctx.rules), **settings.describe()}},
+    )
+    if settings.dry_run:
+        log.warning(
+            "COPERNICA_ACCESS_TOKEN is not set: dry run, requests are logged "
+            "and stored as job results, nothing is sent"
+        )
+
+    backoff = 1
+    while True:
+        worker = _worker(queue, connection, settings.recovery_interval_seconds)
+        try:
+            worker.work(burst=args.burst, with_scheduler=True, logging_level=None)
+        except redis.RedisError as error:
+            # Raised while starting or tearing down, when Redis is away.
+            log.warning(
+                "worker lost Redis",
+                extra={
+                    "fields": {"worker": worker.name, "error": type(error).__name__}
+                },
+            )
+        if args.burst or worker._shutdown_requested_date is not None:
+            return 0
+
+        # RQ's loop gave up (Redis went away for longer than it waits, or an
+        # error it does not handle): start a fresh worker, after a pause that
+        # a stop signal cuts short.
+        log.warning(
+            "worker stopped unexpectedly; starting again",
+            extra={"fields": {"worker": worker.name, "retry_in_s": backoff}},
+        )
+        if _sleep_unless_stopped(backoff):
+            return 0
+        backoff = min(backoff * 2, MAX_RESTART_BACKOFF_SECONDS)
+
+
+#: Longest pause between restarts of the worker loop when Redis is away.
+MAX_RESTART_BACKOFF_SECONDS = 30
+
+
+def _worker(queue, connection, interval: int) -> RelayWorker:
+    return RelayWorker(
         [queue],
         connection=connection,
         serializer=JSONSerializer,
@@ -57,24 +102,16 @@ def main(argv: list[str] | None = None) -> int:
         worker_ttl=interval + 15,
     )
 
-    log.info(
-        "worker starting",
-        extra={
-            "fields": {
-                "worker": worker.name,
-                "rules": len(ctx.rules),
-                **settings.describe(),
-            }
-        },
-    )
-    if settings.dry_run:
-        log.warning(
-            "COPERNICA_ACCESS_TOKEN is not set: dry run, requests are logged "
-            "and stored as job results, nothing is sent",
-            extra={"fields": {"worker": worker.name}},
-        )
-    worker.work(burst=args.burst, with_scheduler=True, logging_level=None)
-    return 0
+
+def _sleep_unless_stopped(seconds: float) -> bool:
+    """Sleep; True if SIGTERM or SIGINT came meanwhile."""
+    stopped = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopped.append(True))
+    deadline = time.monotonic() + seconds
+    while not stopped and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return bool(stopped)
 
 
 if __name__ == "__main__":

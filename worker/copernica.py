@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from urllib.parse import quote, quote_plus
 
 import requests
+import urllib3
 
 from app.logs import mask_text
 
@@ -42,6 +43,9 @@ ERROR_TEXT_LIMIT = 300
 
 #: Most items one list call returns (Copernica's own maximum).
 PAGE_LIMIT = 1000
+
+#: Most bytes taken from an answer at a time.
+READ_BYTES = 64 * 1024
 
 Selector = tuple[tuple[str, str], ...]
 
@@ -77,6 +81,9 @@ class Answer:
     message: str | None = None
     retry_after: str | None = None
     data: Any = None  # the parsed JSON of a successful GET
+    # No answer, but the request may have reached Copernica (a read timeout,
+    # a connection reset mid-answer): it may still be applied later.
+    ambiguous: bool = False
 
     @property
     def ok(self) -> bool:
@@ -100,7 +107,15 @@ class Answer:
 
 
 class TransportError(Exception):
-    """No answer at all (refused, reset, timed out); always worth a retry."""
+    """No answer at all (refused, reset, timed out); always worth a retry.
+
+    ``sent`` tells whether the request may have reached Copernica: a refused
+    connection or a connect timeout never did; a read timeout may have.
+    """
+
+    def __init__(self, message: str, sent: bool = True):
+        super().__init__(message)
+        self.sent = sent
 
 
 class AuthenticationRefused(Exception):
@@ -359,6 +374,10 @@ class CopernicaClient:
             data = json.dumps(call.body).encode()
             headers = {**headers, "Content-Type": "application/json"}
 
+        # The read timeout bounds each wait for data; the deadline bounds the
+        # whole answer, so one trickling a byte at a time cannot outlive the
+        # job (whose time limit RQ would count as a permanent failure).
+        deadline = time.monotonic() + self.connect_timeout + self.read_timeout
         try:
             response = self.session.request(
                 call.method,
@@ -367,19 +386,39 @@ class CopernicaClient:
                 headers=headers,
                 timeout=(self.connect_timeout, self.read_timeout),
                 allow_redirects=False,
+                stream=True,
             )
+            with response:
+                response._content = self._read_body(response, deadline)
         except requests.RequestException as error:
-            raise TransportError(self._describe_error(error)) from None
+            raise TransportError(
+                self._describe_error(error), sent=_maybe_sent(error)
+            ) from None
 
-        with response:
-            ok = response.status_code in SUCCESS_STATUSES
-            return Answer(
-                status=response.status_code,
-                created_id=response.headers.get("X-Created"),
-                message=None if ok else self._error_message(response),
-                retry_after=response.headers.get("Retry-After"),
-                data=_json_or_none(response) if ok and call.method == "GET" else None,
-            )
+        ok = response.status_code in SUCCESS_STATUSES
+        return Answer(
+            status=response.status_code,
+            created_id=response.headers.get("X-Created"),
+            message=None if ok else self._error_message(response),
+            retry_after=response.headers.get("Retry-After"),
+            data=_json_or_none(response) if ok and call.method == "GET" else None,
+        )
+
+    def _read_body(self, response: requests.Response, deadline: float) -> bytes:
+        # read1 returns whatever has arrived, so the clock is checked between
+        # arrivals instead of after the whole body.
+        chunks = []
+        try:
+            while chunk := response.raw.read1(READ_BYTES, decode_content=True):
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    raise TransportError(
+                        f"answer not complete within "
+                        f"{self.connect_timeout + self.read_timeout:g} s"
+                    )
+        except urllib3.exceptions.HTTPError as error:
+            raise TransportError(f"answer cut off ({type(error).__name__})") from None
+        return b"".join(chunks)
 
     def _describe_error(self, error: requests.RequestException) -> str:
         # requests' own messages hold the whole URL: the token and the
@@ -415,6 +454,14 @@ class CopernicaClient:
             }:
                 text = text.replace(form, "***")
         return text
+
+
+def _maybe_sent(error: requests.RequestException) -> bool:
+    """False only when the request certainly never reached the server."""
+    if isinstance(error, requests.ConnectTimeout):
+        return False
+    reason = getattr(error.args[0], "reason", None) if error.args else None
+    return not isinstance(reason, urllib3.exceptions.NewConnectionError)
 
 
 def _json_or_none(response: requests.Response) -> Any:

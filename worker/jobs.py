@@ -34,6 +34,7 @@ from typing import Any
 
 import redis
 from rq import Queue, Retry, get_current_job
+from rq.timeouts import JobTimeoutException
 
 from app.deliveries import Delivery
 from app.logs import mask_fields, mask_selector
@@ -174,6 +175,7 @@ class Run:
         self.job = job
         self.client = client_for(ctx, connection)
         self.last_duration_ms: int | None = None
+        self.write_in_doubt = False
         self.schemas = (
             SchemaCache(
                 connection,
@@ -226,14 +228,22 @@ class Run:
 
         self.attempt.calls += 1
         started = time.monotonic()
+        writes = call.method != "GET"
+        if writes:
+            # Until an answer says otherwise, Copernica may apply this call
+            # even if the relay stops waiting for it (see _update_profile).
+            self.write_in_doubt = True
         try:
             answer = self.client.send(call)
         except TransportError as error:
-            answer = Answer(status=0, message=str(error))
+            answer = Answer(status=0, message=str(error), ambiguous=error.sent)
         except AuthenticationRefused as error:
+            self.write_in_doubt = False
             self.fail(label, str(error), None)
         finally:
             self.limiter.release()
+        if writes and not answer.ambiguous:
+            self.write_in_doubt = False
         self.last_duration_ms = round((time.monotonic() - started) * 1000)
         self.limiter.record(overload=answer.overload or answer.status == 0)
         return answer
@@ -374,6 +384,25 @@ def deliver(record: dict[str, Any]) -> dict[str, Any] | Retry:
         return result
     except ComeBack as back:
         return back.retry
+    except JobTimeoutException:
+        # Cut off by RQ's time limit (a trickling answer, a stuck call). Not
+        # a reason to give up: try again on the schedule.
+        attempt.failures += 1
+        delay = next_delay(attempt.failures - 1, ctx.settings.retry_schedule_seconds)
+        run.log(
+            "delivery will be retried",
+            outcome="retry",
+            level=logging.WARNING,
+            reason="the job's time limit ran out",
+            retry_in_s=delay,
+        )
+        if delay is None:
+            meta["reason"] = (
+                f"gave up after {attempt.failures} attempts; last: "
+                "the job's time limit ran out"
+            )
+            raise DeliveryFailed(meta["reason"]) from None
+        return Retry(max=RQ_RETRY_CEILING, interval=delay)
     except redis.RedisError as error:
         # Redis hiccupped mid-delivery (a lock, a mark, the field cache): the
         # delivery has not failed; try again on the schedule.
@@ -403,7 +432,14 @@ def deliver(record: dict[str, Any]) -> dict[str, Any] | Retry:
         if job and not finished:
             meta["failures"] = attempt.failures
             meta["attempts"] = attempt.facts["attempt"]
-            job.save_meta()
+            try:
+                job.save_meta()
+            except redis.RedisError:
+                # Redis is away; the job's next run counts from what was saved
+                # before, which at worst repeats a call already applied.
+                run.log(
+                    "job progress not saved", outcome="unsaved", level=logging.WARNING
+                )
 
 
 def _deliver(run: Run, delivery: Delivery) -> dict[str, Any]:
@@ -521,7 +557,18 @@ def _update_profile(run: Run, update: ProfileUpdate) -> list[dict[str, Any]]:
                 profile_id = _profile_id(run, database, update)
             results.append(_subprofile_put(run, update, sub, profile_id, guard))
     finally:
-        guard.release()
+        if run.write_in_doubt:
+            # The last write got no answer but may still be applied by
+            # Copernica. Releasing now would let a newer event through first,
+            # and the late write would undo it (or, with create=1, make a
+            # second profile). The lock expires by itself instead.
+            run.log(
+                "profile lock kept until it expires: a timed-out write may still land",
+                rule=update.rule,
+                outcome="lock_kept",
+            )
+        else:
+            guard.release()
     return results
 
 

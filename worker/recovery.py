@@ -9,22 +9,21 @@ an out-of-memory kill) leaves two things behind:
   time limit, since a living worker would have stopped it by then; the first
   worker to claim the entry (ZREM) requeues the job, so two never both do.
 - the scheduler lock of its queue, which RQ keeps for 61 s. Until it expires
-  no other worker's scheduler brings back retried deliveries. A lock whose
-  holder has not sent a heartbeat for STALE_SCHEDULER_SECONDS is released.
+  no other worker's scheduler brings back retried deliveries. A lock not
+  renewed for STALE_SCHEDULER_SECONDS is released and taken over.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from datetime import UTC, datetime
 
 from rq import Queue, SimpleWorker
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import NoSuchJobError, StopRequested
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
-from rq.scheduler import SCHEDULER_KEY_TEMPLATE, RQScheduler
-from rq.utils import parse_composite_key, utcparse
+from rq.scheduler import RQScheduler
+from rq.utils import parse_composite_key
 
 log = logging.getLogger("relay.worker")
 
@@ -39,6 +38,10 @@ CLAIM_AHEAD_SECONDS = 2
 #: A scheduler beats every second; one silent this long has died.
 STALE_SCHEDULER_SECONDS = 15
 
+#: What RQ sets its scheduler lock's time to live to on every beat
+#: (its interval of 1 s plus 60).
+SCHEDULER_LOCK_SECONDS = 61
+
 #: Deletes a scheduler lock only while the same dead scheduler holds it.
 RELEASE_STALE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -48,52 +51,102 @@ return 0
 """
 
 
+#: Moves a started-registry entry into the recovery set, if still there, in
+#: one step: whoever moves it requeues the job; if that worker dies before it
+#: is done, the entry is still found in the recovery set later.
+CLAIM_ENTRY = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+#: Takes over a recovery-set entry left by a worker that died while
+#: requeueing, if its claim is still the stale one that was read.
+RECLAIM_ENTRY = """
+if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1])) == tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+#: A recovery claim older than this belongs to a worker that died mid-way.
+STALE_CLAIM_SECONDS = 30
+
+
+def recovery_key(queue: Queue) -> str:
+    return f"relay:recovering:{queue.name}"
+
+
 def recover_abandoned(queue: Queue) -> list[str]:
     """Requeue jobs whose worker died while running them; return their ids."""
     connection = queue.connection
-    registry = StartedJobRegistry(queue=queue)
-    cutoff = time.time() + CLAIM_AHEAD_SECONDS
-    recovered = []
-    for entry in connection.zrangebyscore(registry.key, 0, cutoff):
-        if connection.zrem(registry.key, entry) != 1:
-            continue  # another worker claimed it first
-        job_id, _ = parse_composite_key(entry.decode())
-        try:
-            job = Job.fetch(job_id, connection=connection, serializer=queue.serializer)
-        except NoSuchJobError:
-            continue
-        if job.get_status(refresh=True) != JobStatus.STARTED:
-            continue
+    started = StartedJobRegistry(queue=queue).key
+    recovering = recovery_key(queue)
+    now = time.time()
 
-        job.meta["abandoned"] = int(job.meta.get("abandoned", 0)) + 1
-        job.save_meta()
-        queue.enqueue_job(job, at_front=True)
-        recovered.append(job.id)
-        log.warning(
-            "abandoned delivery requeued",
-            extra={
-                "fields": {
-                    "job": job.id,
-                    "delivery": job.description,
-                    "outcome": "requeued",
-                }
-            },
-        )
+    claimed = []
+    for entry in connection.zrangebyscore(started, 0, now + CLAIM_AHEAD_SECONDS):
+        if connection.eval(CLAIM_ENTRY, 2, started, recovering, entry, now):
+            claimed.append(entry)
+    stale = connection.zrangebyscore(
+        recovering, 0, now - STALE_CLAIM_SECONDS, withscores=True
+    )
+    for entry, score in stale:
+        if connection.eval(RECLAIM_ENTRY, 1, recovering, entry, repr(score), now):
+            claimed.append(entry)
+
+    recovered = []
+    for entry in claimed:
+        job_id, _ = parse_composite_key(entry.decode())
+        if _requeue(queue, job_id):
+            recovered.append(job_id)
+        connection.zrem(recovering, entry)
     return recovered
 
 
+def _requeue(queue: Queue, job_id: str) -> bool:
+    try:
+        job = Job.fetch(
+            job_id, connection=queue.connection, serializer=queue.serializer
+        )
+    except NoSuchJobError:
+        return False
+    if job.get_status(refresh=True) != JobStatus.STARTED:
+        return False  # finished after all, or already requeued by a claimer
+
+    job.meta["abandoned"] = int(job.meta.get("abandoned", 0)) + 1
+    job.save_meta()
+    queue.enqueue_job(job, at_front=True)
+    log.warning(
+        "abandoned delivery requeued",
+        extra={
+            "fields": {
+                "job": job.id,
+                "delivery": job.description,
+                "outcome": "requeued",
+            }
+        },
+    )
+    return True
+
+
 def release_stale_scheduler_lock(queue: Queue) -> bool:
-    """Free the queue's scheduler lock if its holder stopped beating."""
+    """Free the queue's scheduler lock if its holder stopped refreshing it.
+
+    A living scheduler renews its lock to 61 s every second; a lock with less
+    than 61 - STALE_SCHEDULER_SECONDS left has not been renewed for that long.
+    """
     connection = queue.connection
     lock_key = RQScheduler.get_locking_key(queue.name)
     holder = connection.get(lock_key)
     if holder is None:
         return False
-    beat = connection.hget(SCHEDULER_KEY_TEMPLATE % holder.decode(), "last_heartbeat")
-    if beat is not None:
-        silent = (datetime.now(UTC) - utcparse(beat.decode())).total_seconds()
-        if silent < STALE_SCHEDULER_SECONDS:
-            return False
+    left = connection.pttl(lock_key) / 1000
+    if left < 0 or left > SCHEDULER_LOCK_SECONDS - STALE_SCHEDULER_SECONDS:
+        return False
     released = connection.eval(RELEASE_STALE_LOCK, 1, lock_key, holder) == 1
     if released:
         log.warning(
@@ -122,7 +175,11 @@ class RelayWorker(SimpleWorker):
         for queue in self.queues:
             try:
                 recover_abandoned(queue)
-                release_stale_scheduler_lock(queue)
+                if release_stale_scheduler_lock(queue) and self.scheduler:
+                    # Take over now rather than at the next maintenance.
+                    self.scheduler.acquire_locks(auto_start=True)
+            except StopRequested:
+                raise
             except Exception:
                 log.exception("recovering after a dead worker failed")
         super().clean_registries()

@@ -68,12 +68,13 @@ def next_delay(
 
     delay = float(schedule[retries_done])
     delay += delay * JITTER_FRACTION * (rng or random).random()
-    if retry_after is not None and retry_after > delay:
+    if retry_after is not None:
         # RQ's scheduler keeps times in whole seconds and may run a job up to
         # a second early; the extra second keeps the retry from coming sooner
         # than the server asked.
-        delay = min(math.ceil(retry_after), max(schedule)) + RETRY_AFTER_SLACK_SECONDS
-    return max(1, round(delay))
+        capped = min(math.ceil(retry_after), max(schedule))
+        delay = max(delay, capped + RETRY_AFTER_SLACK_SECONDS)
+    return max(1, math.ceil(delay))
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:

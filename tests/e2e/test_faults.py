@@ -384,3 +384,40 @@ def test_purge_needs_a_choice_and_removes_what_was_chosen(
     assert purged.returncode == 0, purged.stderr
     assert job_id not in relay_cli(relay, "failed", "list").stdout
     assert not client.exists(f"rq:job:{job_id}")
+
+
+def test_a_timed_out_write_keeps_the_profile_locked_so_it_cannot_undo_a_newer_one(
+    relay, standin, client, workers
+):
+    workers()
+    # The older event's PUT outlives the 2 s read timeout; Copernica applies
+    # it anyway, 4 s after it arrived.
+    standin.add_fault(Fault(method="PUT", status=None, delay=4))
+    older = customer("late@example.com", "2026-08-14T10:00:00+00:00", "Older")
+    newer = customer("late@example.com", "2026-08-14T11:00:00+00:00", "Newer")
+
+    first = send(relay, older)
+    wait_for_arrivals(standin, 1)
+    second = send(relay, newer)
+    for job_id in (first, second):
+        wait_for_job(client, job_id, timeout=30)
+
+    [profile] = profiles_with(standin, "late@example.com")
+    assert profile["fields"]["firstname"] == "Newer"
+    assert "profile lock kept until it expires" in relay.logs()
+
+
+def test_workers_outlive_a_redis_restart(relay, standin, client, workers, own_redis):
+    [worker] = workers()
+    time.sleep(1.0)
+
+    own_redis.stop()
+    time.sleep(2.0)
+    own_redis.start()
+    job = wait_for_job(
+        client, send(relay, customer("after@example.com", None, "A")), timeout=40
+    )
+
+    assert worker.process.poll() is None
+    assert job.get_status() == "finished"
+    assert len(profiles_with(standin, "after@example.com")) == 1

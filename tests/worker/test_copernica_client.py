@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from urllib.parse import quote, quote_plus
 
 import pytest
@@ -81,3 +82,49 @@ def test_token_echoed_in_an_error_message_is_redacted(standin, echo):
 def test_long_error_messages_are_cut(standin):
     standin.add_fault(Fault(status=400, message="x" * 100_000))
     assert len(client(standin.base_url).send(call()).message) == 300
+
+
+def test_an_answer_trickling_past_the_deadline_is_a_transport_error():
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    stop = threading.Event()
+
+    def trickle():
+        connection, _ = server.accept()
+        connection.recv(65536)
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        for _ in range(40):  # a byte every 0.1 s: never 0.5 s of silence
+            if stop.is_set():
+                break
+            connection.sendall(b"x")
+            time.sleep(0.1)
+        connection.close()
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    slow = CopernicaClient(
+        base_url=f"http://127.0.0.1:{server.getsockname()[1]}",
+        credentials=StaticToken(TOKEN),
+        api=ApiV1(),
+        connect_timeout=0.5,
+        read_timeout=0.5,
+    )
+    started = time.monotonic()
+    try:
+        with pytest.raises(TransportError, match="answer not complete within 1 s") as e:
+            slow.send(call())
+    finally:
+        stop.set()
+        server.close()
+    assert e.value.sent
+    assert time.monotonic() - started < 2.5
+
+
+def test_a_refused_connection_was_certainly_not_sent():
+    with pytest.raises(TransportError) as raised:
+        client(f"http://127.0.0.1:{free_port()}").send(call())
+    assert not raised.value.sent

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -23,7 +24,7 @@ def test_delays_follow_the_schedule_with_bounded_jitter():
     rng = random.Random(7)
     for index, base in enumerate(DEFAULT_RETRY_SCHEDULE_SECONDS):
         delay = next_delay(index, DEFAULT_RETRY_SCHEDULE_SECONDS, rng=rng)
-        assert base <= delay <= round(base * (1 + JITTER_FRACTION))
+        assert base <= delay <= math.ceil(base * (1 + JITTER_FRACTION))
 
 
 def test_no_delay_once_the_schedule_is_spent():
@@ -35,6 +36,8 @@ def test_retry_after_wins_when_longer_but_is_capped():
     assert next_delay(0, schedule, retry_after=300, rng=random.Random(1)) == 301
     assert next_delay(0, schedule, retry_after=10**9) == 601
     assert next_delay(2, schedule, retry_after=1, rng=random.Random(1)) >= 600
+    # A short Retry-After still gets its slack second over a short delay.
+    assert next_delay(0, (1, 1), retry_after=1, rng=random.Random(1)) == 2
 
 
 def test_retry_after_reads_seconds_and_http_dates():

@@ -1,0 +1,73 @@
+"""Recovery after a dead worker, against a real Redis."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from rq import Queue
+from rq.job import JobStatus
+from rq.scheduler import RQScheduler
+from rq.serializers import JSONSerializer
+
+from worker.recovery import (
+    STALE_CLAIM_SECONDS,
+    recover_abandoned,
+    recovery_key,
+    release_stale_scheduler_lock,
+)
+
+
+@pytest.fixture
+def queue(redis_client):
+    queue = Queue("recovery-test", connection=redis_client, serializer=JSONSerializer)
+    yield queue
+    for key in redis_client.scan_iter("*recovery-test*"):
+        redis_client.delete(key)
+
+
+def started_job(queue):
+    job = queue.enqueue("worker.retry.parse_retry_after", None)
+    queue.connection.lpop(queue.key)  # as a worker dequeues it
+    job.set_status(JobStatus.STARTED)
+    return job
+
+
+def test_a_claim_left_by_a_worker_that_died_mid_recovery_is_taken_over(queue):
+    job = started_job(queue)
+    entry = f"{job.id}:execution"
+    # The claimer moved the entry, then died before requeueing the job.
+    queue.connection.zadd(recovery_key(queue), {entry: time.time() - 2 * 60})
+
+    assert recover_abandoned(queue) == [job.id]
+    assert queue.get_job_ids() == [job.id]
+    assert queue.connection.zcard(recovery_key(queue)) == 0
+
+
+def test_a_fresh_claim_is_left_to_the_worker_that_holds_it(queue):
+    job = started_job(queue)
+    queue.connection.zadd(
+        recovery_key(queue), {f"{job.id}:x": time.time() - STALE_CLAIM_SECONDS / 2}
+    )
+
+    assert recover_abandoned(queue) == []
+    assert queue.get_job_ids() == []
+
+
+def test_a_finished_job_found_in_a_claim_is_not_run_again(queue):
+    job = started_job(queue)
+    job.set_status(JobStatus.FINISHED)
+    queue.connection.zadd(recovery_key(queue), {f"{job.id}:x": 1})
+
+    assert recover_abandoned(queue) == []
+    assert queue.get_job_ids() == []
+    assert queue.connection.zcard(recovery_key(queue)) == 0
+
+
+@pytest.mark.parametrize("ttl_ms, released", [(60_000, False), (40_000, True)])
+def test_scheduler_lock_is_released_only_when_not_renewed(queue, ttl_ms, released):
+    key = RQScheduler.get_locking_key(queue.name)
+    queue.connection.set(key, "some-scheduler", px=ttl_ms)
+
+    assert release_stale_scheduler_lock(queue) is released
+    assert (queue.connection.get(key) is None) is released
