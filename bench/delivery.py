@@ -45,6 +45,12 @@ FIELDS = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2000)
+    parser.add_argument(
+        "--max-rps",
+        default="0",
+        help="COPERNICA_MAX_RPS for the run (0, the default here: no limit, to "
+        "measure the relay itself; the relay's own default is 20)",
+    )
     args = parser.parse_args()
 
     with (
@@ -56,7 +62,7 @@ def main() -> None:
         server = RedisServer(Path(scratch) / "redis", unix_socket=False)
         server.start()
         try:
-            figures = measure(server.url, standin, args.jobs)
+            figures = measure(server.url, standin, args.jobs, args.max_rps)
         finally:
             server.stop()
 
@@ -64,14 +70,15 @@ def main() -> None:
         "delivery",
         {
             "jobs": args.jobs,
-            "worker": "SimpleWorker, 1 process",
+            "copernica_max_rps": args.max_rps,
+            "worker": "RelayWorker (SimpleWorker), 1 process",
             "standin": "answers at once",
         },
         figures,
     )
 
 
-def measure(redis_url: str, standin: CopernicaStandIn, jobs: int) -> dict:
+def measure(redis_url: str, standin: CopernicaStandIn, jobs: int, max_rps: str) -> dict:
     connection = redis.Redis.from_url(redis_url)
     queue = Queue("deliveries", connection=connection, serializer=JSONSerializer)
     body = json.loads(
@@ -99,7 +106,13 @@ def measure(redis_url: str, standin: CopernicaStandIn, jobs: int) -> dict:
         )
         job_ids.append(stored.job_id)
 
-    env = relay_env(redis_url, standin.base_url, LOG_LEVEL="WARNING")
+    env = relay_env(
+        redis_url,
+        standin.base_url,
+        LOG_LEVEL="WARNING",
+        COPERNICA_MAX_RPS=max_rps,
+        COPERNICA_MAX_CONCURRENCY="0",
+    )
     started = time.monotonic()
     subprocess.run(
         [sys.executable, "-m", "worker", "--burst"],
@@ -117,7 +130,7 @@ def measure(redis_url: str, standin: CopernicaStandIn, jobs: int) -> dict:
     return {
         "deliveries": jobs,
         "finished": finished,
-        "puts_received": len(standin.requests),
+        "puts_received": sum(r.method == "PUT" for r in standin.requests),
         "deliveries_per_second": round(jobs / busy, 1),
         "wall_seconds_with_startup": round(wall, 2),
     }
