@@ -44,6 +44,29 @@ TYPEFORM_SECRET = json.loads((FIXTURES / "typeform" / "headers.json").read_text(
 ]
 COPERNICA_TOKEN = "standin-token-" + "x" * 24
 
+#: The Copernica fields the bundled mapping writes, for the stand-in.
+DATABASE_FIELDS = [
+    "email",
+    "firstname",
+    "lastname",
+    "phone",
+    "shopify_customer_id",
+    "city",
+    "country",
+    "last_order_number",
+    "last_order_date",
+    "last_order_total",
+    "last_order_currency",
+    "last_order_status",
+    "email_consent",
+    "email_consent_level",
+    "email_consent_updated",
+    "typeform_submitted",
+]
+
+#: The fields of the bundled mapping's "orders" collection.
+ORDER_FIELDS = ["order_id", "order_number", "order_date", "total", "currency", "status"]
+
 
 def fixture_bytes(relative: str) -> bytes:
     return (FIXTURES / relative).read_bytes()

@@ -457,15 +457,7 @@ def _deliver(run: Run, delivery: Delivery) -> dict[str, Any]:
     results = []
     for outcome in outcomes:
         if isinstance(outcome, Skipped):
-            run.log(
-                "rule skipped",
-                rule=outcome.rule,
-                outcome="skipped",
-                reason=outcome.reason,
-            )
-            results.append(
-                {"rule": outcome.rule, "outcome": "skipped", "reason": outcome.reason}
-            )
+            results.append(_skipped(run, "rule skipped", outcome.rule, outcome.reason))
         elif run.client is None:
             results.extend(_dry_run(run, outcome))
         else:
@@ -543,14 +535,8 @@ def _update_profile(run: Run, update: ProfileUpdate) -> list[dict[str, Any]]:
         profile_id = results[0].get("created_id")
         for sub in update.subprofiles:
             if isinstance(sub, Skipped):
-                run.log(
-                    "subprofile skipped",
-                    rule=sub.rule,
-                    outcome="skipped",
-                    reason=sub.reason,
-                )
                 results.append(
-                    {"rule": sub.rule, "outcome": "skipped", "reason": sub.reason}
+                    _skipped(run, "subprofile skipped", sub.rule, sub.reason)
                 )
                 continue
             if profile_id is None and f"{update.rule}/{sub.label}" not in attempt.done:
@@ -581,7 +567,7 @@ def _profile_put(
 
     stale = _stale(run, guard, update.rule)
     if stale:
-        result = {"rule": update.rule, "outcome": "skipped", "reason": stale}
+        result = _skipped(run, "rule skipped", update.rule, stale)
     else:
         call = run.api.profile_put(
             database, update.selector, update.fields, update.create, update.async_
@@ -622,9 +608,9 @@ def _subprofile_put(
     stale = _stale(run, guard, label)
     if profile_id is None:
         reason = "no profile matches the selector (create is off)"
-        result = {"rule": label, "outcome": "skipped", "reason": reason}
+        result = _skipped(run, "subprofile skipped", label, reason)
     elif stale:
-        result = {"rule": label, "outcome": "skipped", "reason": stale}
+        result = _skipped(run, "subprofile skipped", label, stale)
     else:
         call = run.api.subprofile_put(
             profile_id, sub.collection, sub.selector, sub.fields
@@ -645,10 +631,6 @@ def _subprofile_put(
             "profile_id": profile_id,
             "request": call.describe(),
         }
-    if result["outcome"] == "skipped":
-        run.log(
-            "subprofile skipped", rule=label, outcome="skipped", reason=result["reason"]
-        )
     attempt.done[label] = result
     return result
 
@@ -722,8 +704,7 @@ def _redact_customer(run, delivery, queue, shop, keep) -> dict[str, Any]:
     results = []
     if not selectors:
         reason = "no usable customer id or email in the request"
-        run.log("customer redaction skipped", outcome="skipped", reason=reason)
-        results.append({"rule": "privacy", "outcome": "skipped", "reason": reason})
+        results.append(_skipped(run, "customer redaction skipped", "privacy", reason))
     elif run.client is None:
         run.log(
             "dry run: customer redaction not sent",
@@ -803,6 +784,11 @@ def _redact_profiles(run: Run, privacy: PrivacyRule, selectors) -> dict[str, Any
     }
     run.attempt.done["privacy"] = result
     return result
+
+
+def _skipped(run: Run, event: str, rule: str, reason: str) -> dict[str, Any]:
+    run.log(event, rule=rule, outcome="skipped", reason=reason)
+    return {"rule": rule, "outcome": "skipped", "reason": reason}
 
 
 def _overall(results: list[dict[str, Any]]) -> str:

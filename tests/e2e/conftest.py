@@ -4,30 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests.harness import COPERNICA_TOKEN, Relay, relay_env
+from tests.harness import (
+    COPERNICA_TOKEN,
+    DATABASE_FIELDS,
+    ORDER_FIELDS,
+    Relay,
+    relay_env,
+)
 from tests.standin.copernica import CopernicaStandIn
-
-DATABASE_FIELDS = [
-    "email",
-    "firstname",
-    "lastname",
-    "phone",
-    "shopify_customer_id",
-    "city",
-    "country",
-    "last_order_number",
-    "last_order_date",
-    "last_order_total",
-    "last_order_currency",
-    "last_order_status",
-    "email_consent",
-    "email_consent_level",
-    "email_consent_updated",
-    "typeform_submitted",
-]
-
-
-ORDER_FIELDS = ["order_id", "order_number", "order_date", "total", "currency", "status"]
 
 
 @pytest.fixture(scope="module", params=[1, 4], ids=["api-v1", "api-v4"])

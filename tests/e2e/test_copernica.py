@@ -16,6 +16,8 @@ import redis
 
 from tests.harness import (
     COPERNICA_TOKEN,
+    DATABASE_FIELDS,
+    ORDER_FIELDS,
     ROOT,
     Process,
     Relay,
@@ -29,25 +31,6 @@ from tests.standin.copernica import CopernicaStandIn, Fault
 
 pytestmark = pytest.mark.e2e
 
-FIELDS = [
-    "email",
-    "firstname",
-    "lastname",
-    "phone",
-    "shopify_customer_id",
-    "city",
-    "country",
-    "last_order_number",
-    "last_order_date",
-    "last_order_total",
-    "last_order_currency",
-    "last_order_status",
-    "email_consent",
-    "email_consent_level",
-    "email_consent_updated",
-    "typeform_submitted",
-]
-ORDER_FIELDS = ["order_id", "order_number", "order_date", "total", "currency", "status"]
 ZOE = "zoe.angstrom+shop@example.com"
 
 
@@ -55,7 +38,7 @@ ZOE = "zoe.angstrom+shop@example.com"
 def standin():
     with CopernicaStandIn(
         access_token=COPERNICA_TOKEN,
-        databases={1234: FIELDS},
+        databases={1234: DATABASE_FIELDS},
         collections={1234: {"orders": ORDER_FIELDS}},
         put_status=303,
     ) as server:
