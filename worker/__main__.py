@@ -61,26 +61,27 @@ def main(argv: list[str] | None = None) -> int:
 
     backoff = 1
     while True:
-        worker = _worker(queue, connection, settings.recovery_interval_seconds)
+        worker = None
+        started = time.monotonic()
         try:
+            worker = _worker(queue, connection, settings.recovery_interval_seconds)
             worker.work(burst=args.burst, with_scheduler=True, logging_level=None)
         except redis.RedisError as error:
             # Raised while starting or tearing down, when Redis is away.
             log.warning(
-                "worker lost Redis",
-                extra={
-                    "fields": {"worker": worker.name, "error": type(error).__name__}
-                },
+                "worker lost Redis", extra={"fields": {"error": type(error).__name__}}
             )
-        if args.burst or worker._shutdown_requested_date is not None:
+        if args.burst or (worker and worker._shutdown_requested_date is not None):
             return 0
+        if time.monotonic() - started > BACKOFF_RESET_SECONDS:
+            backoff = 1
 
         # RQ's loop gave up (Redis went away for longer than it waits, or an
         # error it does not handle): start a fresh worker, after a pause that
         # a stop signal cuts short.
         log.warning(
             "worker stopped unexpectedly; starting again",
-            extra={"fields": {"worker": worker.name, "retry_in_s": backoff}},
+            extra={"fields": {"retry_in_s": backoff}},
         )
         if _sleep_unless_stopped(backoff):
             return 0
@@ -89,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
 
 #: Longest pause between restarts of the worker loop when Redis is away.
 MAX_RESTART_BACKOFF_SECONDS = 30
+
+#: A loop that ran this long before it stopped starts again without delay.
+BACKOFF_RESET_SECONDS = 60
 
 
 def _worker(queue, connection, interval: int) -> RelayWorker:

@@ -218,11 +218,14 @@ class Run:
         wait = self.limiter.acquire()
         if wait:
             delay = max(1, math.ceil(wait))
+            # At debug level: under a long slowdown every waiting delivery
+            # comes back every second or two, and the log would be all this.
             self.log(
                 "call budget spent, delivery comes back shortly",
                 rule=label,
                 outcome="throttled",
                 retry_in_s=delay,
+                level=logging.DEBUG,
             )
             raise ComeBack(Retry(max=RQ_RETRY_CEILING, interval=delay))
 

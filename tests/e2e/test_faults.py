@@ -409,11 +409,15 @@ def test_a_timed_out_write_keeps_the_profile_locked_so_it_cannot_undo_a_newer_on
 
 def test_workers_outlive_a_redis_restart(relay, standin, client, workers, own_redis):
     [worker] = workers()
-    time.sleep(1.0)
+    # The worker is mid-delivery when Redis goes away for 3 s.
+    standin.add_fault(Fault(method="PUT", status=None, delay=1.5))
+    busy = send(relay, customer("during@example.com", None, "D"))
+    wait_for_arrivals(standin, 1)
 
     own_redis.stop()
-    time.sleep(2.0)
+    time.sleep(3.0)
     own_redis.start()
+    assert wait_for_job(client, busy, timeout=60).get_status() == "finished"
     job = wait_for_job(
         client, send(relay, customer("after@example.com", None, "A")), timeout=40
     )
