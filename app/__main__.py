@@ -4,6 +4,9 @@ The same commands are on ``flask --app app``; this entry point shows only the
 relay's own, not Flask's development server, shell and options.
 """
 
+import sys
+
+import redis
 from flask.cli import AppGroup, ScriptInfo
 
 from app import cli, create_app
@@ -16,7 +19,15 @@ for command in cli.COMMANDS:
     relay_cli.add_command(command)
 
 if __name__ == "__main__":
-    relay_cli.main(
-        obj=ScriptInfo(create_app=lambda: create_app(announce=False)),
-        prog_name="bin/relay",
-    )
+    try:
+        relay_cli.main(
+            obj=ScriptInfo(create_app=lambda: create_app(announce=False)),
+            prog_name="bin/relay",
+        )
+    except redis.RedisError as error:
+        # The commands that read the queue need Redis; say so in one line.
+        sys.stderr.write(
+            f"Error: Redis not reachable ({type(error).__name__}); start bin/run "
+            "or set REDIS_URL\n"
+        )
+        sys.exit(1)

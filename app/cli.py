@@ -19,7 +19,7 @@ from app.signatures import TYPEFORM_PREFIX, sign
 from worker.copernica import AuthenticationRefused, TransportError
 from worker.jobs import client_for
 from worker.mapping import load_privacy
-from worker.schema import SchemaUnavailable, fetch_schema
+from worker.schema import SchemaCache, SchemaUnavailable
 
 DEFAULT_URL = f"http://127.0.0.1:{os.environ.get('PORT', '8000')}"
 
@@ -306,6 +306,19 @@ def check(offline):
         return
 
     client = client_for(context_for(settings, rules, privacy), relay["redis"])
+    try:
+        # A fresh token exchange (v4), so a wrong or revoked token shows here
+        # and not only when the cached JWT runs out.
+        client.credentials.renew()
+    except (TransportError, AuthenticationRefused) as error:
+        raise click.ClickException(f"Copernica refused the token: {error}") from None
+    schemas = SchemaCache(
+        relay["redis"],
+        client.send,
+        client.api,
+        settings.schema_ttl_seconds,
+        account=f"{settings.copernica_base_url}\n{settings.copernica_access_token}",
+    )
     targets: dict[str, list] = {}
     for rule in rules:
         targets.setdefault(rule.database, []).append(rule)
@@ -315,7 +328,8 @@ def check(offline):
     failures = 0
     for database, database_rules in targets.items():
         try:
-            schema = fetch_schema(client.send, client.api, database)
+            # Fresh, and stored: the workers check against it from now on.
+            schema = schemas.get(database, fresh=True)
         except (SchemaUnavailable, TransportError, AuthenticationRefused) as error:
             click.echo(f"database {database}: {error}")
             failures += 1
@@ -328,9 +342,10 @@ def check(offline):
                 click.echo(f"database {database}: {name}: {problem}")
             failures += len(problems)
         if not any(problems for _, problems in checks):
+            names = ", ".join(name for name, _ in checks)
             click.echo(
                 f"database {database}: ok ({len(schema.fields)} fields, "
-                f"{len(checks)} rule(s))"
+                f"{len(schema.collections) // 2} collection(s); checked {names})"
             )
     if failures:
         raise click.ClickException(_count(failures, "problem", "problems") + " found")

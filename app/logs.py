@@ -70,9 +70,13 @@ class LineFormatter(logging.Formatter):
 
 def _plain(value: Any, quote_spaces: bool = True) -> str:
     """A value for text logs; anything that could fake a new line is quoted."""
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    text = (
+        value
+        if isinstance(value, str)
+        else json.dumps(value, default=str, ensure_ascii=False)
+    )
     if not text.isprintable() or (quote_spaces and (" " in text or not text)):
-        return json.dumps(text)
+        return json.dumps(text, ensure_ascii=False)
     return text
 
 

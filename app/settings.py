@@ -28,8 +28,10 @@ DEFAULT_COPERNICA_AUTH_URL = "https://authenticate.copernica.com"
 DEFAULT_COPERNICA_MAX_RPS = 20
 DEFAULT_COPERNICA_MAX_CONCURRENCY = 8
 
-#: How long a database's field list is trusted before it is fetched again.
-DEFAULT_SCHEMA_TTL_SECONDS = 3600
+#: How long a database's field list is trusted before it is fetched again: a
+#: field deleted in Copernica is noticed within this time (or at once, when
+#: Copernica answers 400 to a call naming it).
+DEFAULT_SCHEMA_TTL_SECONDS = 300
 DEFAULT_QUEUE_NAME = "deliveries"
 
 #: How long a finished delivery's job and result stay readable in Redis.

@@ -18,8 +18,10 @@ from flask import Blueprint, current_app, jsonify, request
 from app import intake
 from app.deliveries import BUILDERS, DeliveryError, parse_body
 from app.signatures import verify_shopify, verify_typeform
+from worker.privacy import PRIVACY_TOPICS
 
 bp = Blueprint("webhooks", __name__)
+
 log = logging.getLogger("relay.web")
 
 VERIFIERS = {
@@ -70,7 +72,11 @@ def receive(source: str):
             relay["queue"],
             delivery,
             dedupe_ttl=settings.dedupe_ttl_seconds,
-            result_ttl=settings.result_ttl_seconds,
+            # A privacy request names the customer; once done, it is not
+            # kept around as a finished job.
+            result_ttl=0
+            if delivery.source == "shopify" and delivery.topic in PRIVACY_TOPICS
+            else settings.result_ttl_seconds,
             failure_ttl=settings.failed_ttl_seconds,
             job_timeout=settings.job_timeout_seconds,
         )

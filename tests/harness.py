@@ -19,6 +19,7 @@ from pathlib import Path
 
 import redis
 import requests
+from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -234,6 +235,17 @@ class Relay:
         return "\n".join(parts + [worker.output() for worker in self.workers])
 
 
+def wait_for_log(relay, event: str, timeout: float = 20.0) -> dict:
+    """The first JSON log line of ``event`` from the relay's processes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in relay.logs().splitlines():
+            if line.startswith("{") and f'"event": "{event}"' in line:
+                return json.loads(line)
+        time.sleep(0.1)
+    raise AssertionError(f"no {event!r} in the relay's logs")
+
+
 def wait_for_job(
     connection: redis.Redis,
     job_id: str,
@@ -244,7 +256,10 @@ def wait_for_job(
     deadline = time.monotonic() + timeout
     status = None
     while time.monotonic() < deadline:
-        job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+        try:
+            job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+        except NoSuchJobError:
+            return None  # finished and not kept (result TTL 0)
         status = job.get_status(refresh=True)
         if status in states:
             return job

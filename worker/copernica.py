@@ -16,6 +16,7 @@ end up in exception texts, logs and, on a 303, in Copernica's Location header.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import time
 from collections.abc import Mapping
@@ -258,7 +259,7 @@ JWT_RENEW_BEFORE_SECONDS = 6 * 3600
 #: Assumed life of a JWT whose expiry cannot be read.
 JWT_DEFAULT_LIFETIME_SECONDS = 24 * 3600
 
-JWT_CACHE_KEY = "relay:copernica-jwt"
+JWT_CACHE_PREFIX = "relay:copernica-jwt:"
 
 
 @dataclass
@@ -272,8 +273,15 @@ class JwtSource:
     session: requests.Session = field(default_factory=requests.Session, repr=False)
     _jwt: str | None = field(default=None, repr=False)
 
+    @property
+    def cache_key(self) -> str:
+        # Per token and endpoint: a rotated token, or another account, must
+        # never go on using the JWT of the old one.
+        digest = hashlib.sha256(f"{self.auth_url}\n{self.token}".encode())
+        return JWT_CACHE_PREFIX + digest.hexdigest()[:24]
+
     def current(self) -> str:
-        cached = self.connection.get(JWT_CACHE_KEY)
+        cached = self.connection.get(self.cache_key)
         if cached:
             self._jwt = cached.decode()
             return self._jwt
@@ -302,7 +310,7 @@ class JwtSource:
 
         lifetime = _seconds_left(jwt)
         cache_for = max(60, int(lifetime - JWT_RENEW_BEFORE_SECONDS))
-        self.connection.set(JWT_CACHE_KEY, jwt, ex=cache_for)
+        self.connection.set(self.cache_key, jwt, ex=cache_for)
         self._jwt = jwt
         return jwt
 

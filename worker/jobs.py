@@ -182,6 +182,8 @@ class Run:
                 lambda call: self.send(call, "field list"),
                 self.api,
                 self.settings.schema_ttl_seconds,
+                account=f"{self.settings.copernica_base_url}\n"
+                f"{self.settings.copernica_access_token}",
             )
             if self.client
             else None
@@ -251,10 +253,16 @@ class Run:
         self.limiter.record(overload=answer.overload or answer.status == 0)
         return answer
 
-    def require(self, answer: Answer, label: str) -> Answer:
+    def require(
+        self, answer: Answer, label: str, database: str | None = None
+    ) -> Answer:
         """The answer if it succeeded; otherwise retry later or fail for good."""
         if answer.ok:
             return answer
+        if answer.status == 400 and database and self.schemas:
+            # Copernica refused a write; if a field vanished, the next check
+            # must see the database as it is now, not as cached.
+            self.schemas.forget(database)
         problem = (
             f"Copernica answered {answer.status}: {answer.message}"
             if answer.status
@@ -487,6 +495,13 @@ def _dry_run(run: Run, update: ProfileUpdate) -> list[dict[str, Any]]:
     results = [{"rule": update.rule, "outcome": "dry_run", "request": call.describe()}]
     for sub in update.subprofiles:
         if isinstance(sub, SubprofileUpdate):
+            run.log(
+                "dry run: subprofile request not sent",
+                rule=f"{update.rule}/{sub.collection}",
+                outcome="dry_run",
+                collection=sub.collection,
+                selector=mask_selector(sub.selector),
+            )
             sub_call = run.api.subprofile_put(
                 "{profile}", sub.collection, sub.selector, sub.fields
             )
@@ -575,7 +590,7 @@ def _profile_put(
         call = run.api.profile_put(
             database, update.selector, update.fields, update.create, update.async_
         )
-        answer = run.require(run.send(call, update.rule), update.rule)
+        answer = run.require(run.send(call, update.rule), update.rule, database)
         _applied(run, guard, update.rule)
         run.log(
             "profile updated",
@@ -618,7 +633,9 @@ def _subprofile_put(
         call = run.api.subprofile_put(
             profile_id, sub.collection, sub.selector, sub.fields
         )
-        answer = run.require(run.send(call, label), label)
+        answer = run.require(
+            run.send(call, label), label, update.database or UNSET_DATABASE
+        )
         _applied(run, guard, label)
         run.log(
             "subprofile updated",
@@ -726,9 +743,9 @@ def _redact_customer(run, delivery, queue, shop, keep) -> dict[str, Any]:
     erased = privacy_topics.erase_copies(queue, shop or delivery.account, needles, keep)
     run.log(
         "customer redacted",
-        outcome="redacted",
+        outcome=_overall(results),
         local_copies_erased=erased,
-        profiles=results[0].get("profiles"),
+        profiles=results[0].get("profiles", 0),
         action=privacy.action,
     )
     return {

@@ -290,7 +290,15 @@ class PrivacyRule:
 #: the bundled mapping, and blank the personal fields it writes.
 DEFAULT_PRIVACY = {
     "match": {"email": "email(customer.email)", "shopify_customer_id": "customer.id"},
-    "clear": ["email", "firstname", "lastname", "phone", "city", "country"],
+    "clear": [
+        "email",
+        "firstname",
+        "lastname",
+        "phone",
+        "city",
+        "country",
+        "shopify_customer_id",
+    ],
     "action": "clear",
 }
 

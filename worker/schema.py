@@ -11,6 +11,7 @@ case-insensitively, as Copernica compares them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -115,14 +116,22 @@ def _names(items: list[dict], what: str) -> frozenset[str]:
 class SchemaCache:
     """Field lists per database, shared by all workers through Redis."""
 
-    def __init__(self, connection, send: Send, api: ApiV1, ttl_seconds: int):
+    def __init__(
+        self, connection, send: Send, api: ApiV1, ttl_seconds: int, account: str = ""
+    ):
         self.connection = connection
         self.send = send
         self.api = api
         self.ttl = ttl_seconds
+        # Another base URL or token may be another account with other
+        # databases under the same ids: its field lists are kept apart.
+        self.scope = hashlib.sha256(account.encode()).hexdigest()[:12]
+
+    def _key(self, database: str) -> str:
+        return f"{SCHEMA_PREFIX}{self.scope}:{database.lower()}"
 
     def get(self, database: str, fresh: bool = False) -> Schema:
-        key = f"{SCHEMA_PREFIX}{database.lower()}"
+        key = self._key(database)
         if not fresh:
             cached = self.connection.get(key)
             if cached:
@@ -132,7 +141,7 @@ class SchemaCache:
         return schema
 
     def forget(self, database: str) -> None:
-        self.connection.delete(f"{SCHEMA_PREFIX}{database.lower()}")
+        self.connection.delete(self._key(database))
 
 
 def rule_problems(rule, schema: Schema) -> list[str]:

@@ -100,3 +100,25 @@ def test_self_signed_tls_is_accepted_only_when_asked():
     relaxed = connect("rediss://127.0.0.1:1/0", tls_verify=False)
     assert strict.get("ssl_cert_reqs", "required") == "required"
     assert relaxed.connection_pool.connection_kwargs["ssl_cert_reqs"] is None
+
+
+def test_operator_commands_say_so_when_redis_is_not_there(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.harness import ROOT
+    from tools.embedded_redis import free_port
+
+    env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    listed = subprocess.run(
+        [sys.executable, "-m", "app", "failed", "list"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 1
+    assert "Redis not reachable" in listed.stderr
+    assert "Traceback" not in listed.stderr

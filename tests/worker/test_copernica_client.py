@@ -128,3 +128,17 @@ def test_a_refused_connection_was_certainly_not_sent():
     with pytest.raises(TransportError) as raised:
         client(f"http://127.0.0.1:{free_port()}").send(call())
     assert not raised.value.sent
+
+
+def test_cached_jwts_and_field_lists_are_kept_apart_per_token_and_account():
+    from worker.copernica import JwtSource
+    from worker.schema import SchemaCache
+
+    first = JwtSource(None, "https://auth.example", "token-a")
+    rotated = JwtSource(None, "https://auth.example", "token-b")
+    assert first.cache_key != rotated.cache_key
+    assert "token-a" not in first.cache_key
+
+    one = SchemaCache(None, None, ApiV1(), 60, account="https://a\ntoken-a")
+    other = SchemaCache(None, None, ApiV1(), 60, account="https://b\ntoken-a")
+    assert one._key("1234") != other._key("1234")
