@@ -310,8 +310,12 @@ def check(offline):
         # A fresh token exchange (v4), so a wrong or revoked token shows here
         # and not only when the cached JWT runs out.
         client.credentials.renew()
-    except (TransportError, AuthenticationRefused) as error:
+    except AuthenticationRefused as error:
         raise click.ClickException(f"Copernica refused the token: {error}") from None
+    except TransportError as error:
+        raise click.ClickException(
+            f"could not reach Copernica's token endpoint: {error}"
+        ) from None
     schemas = SchemaCache(
         relay["redis"],
         client.send,

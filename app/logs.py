@@ -21,6 +21,8 @@ EMAIL = re.compile(r"^([^@\s]{1,64})@([^@\s]+)$")
 #: An email address inside free text (an error message, a reason). "=" is
 #: left out of the local part so "email==a@b.se" keeps its "email==".
 EMAIL_IN_TEXT = re.compile(r"[^\s@'\"<>(),;:=]{1,64}@[^\s@'\"<>(),;:=]+")
+#: A phone number in E.164 style inside free text: "+" and at least 8 digits.
+PHONE_IN_TEXT = re.compile(r"\+\d[\d ().-]{6,}\d")
 PHONE = re.compile(r"^\+?[\d\s().-]{7,}$")
 
 RELAY_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -118,8 +120,10 @@ def mask(value: Any) -> Any:
 
 
 def mask_text(text: str) -> str:
-    """Free text (a reason, an error) with every email address in it masked."""
-    return EMAIL_IN_TEXT.sub(lambda found: mask(found.group(0)), text)
+    """Free text (a reason, an error) with email addresses and international
+    phone numbers in it masked."""
+    text = EMAIL_IN_TEXT.sub(lambda found: mask(found.group(0)), text)
+    return PHONE_IN_TEXT.sub(lambda found: f"***{found.group(0)[-2:]}", text)
 
 
 def mask_fields(fields: Mapping[str, Any]) -> dict[str, Any]:

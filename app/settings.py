@@ -8,6 +8,7 @@ per restart.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,12 @@ DEFAULT_COPERNICA_AUTH_URL = "https://authenticate.copernica.com"
 #: 503/504 pages; 0 turns a limit off.
 DEFAULT_COPERNICA_MAX_RPS = 20
 DEFAULT_COPERNICA_MAX_CONCURRENCY = 8
+
+#: Upper bound of every duration setting (ten years), within what Redis takes.
+MAX_SECONDS = 10 * 365 * 24 * 3600
+
+#: The lowest configurable call rate (worker/limits.py's adaptive floor).
+MIN_RPS = 0.5
 
 #: How long a database's field list is trusted before it is fetched again: a
 #: field deleted in Copernica is noticed within this time (or at once, when
@@ -140,7 +147,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if environ is None else environ
     problems: list[str] = []
 
-    def number(name: str, default, kind=int, minimum=1):
+    def number(name: str, default, kind=int, minimum=1, maximum=MAX_SECONDS):
         raw = env.get(name, "").strip()
         if not raw:
             return default
@@ -149,8 +156,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         except ValueError:
             problems.append(f"{name} must be a number, got {raw!r}")
             return default
-        if value < minimum:
-            problems.append(f"{name} must be at least {minimum}, got {raw!r}")
+        if not math.isfinite(value):
+            problems.append(f"{name} must be a finite number, got {raw!r}")
+            return default
+        if value < minimum or value > maximum:
+            problems.append(
+                f"{name} must be between {minimum} and {maximum:g}, got {raw!r}"
+            )
             return default
         return value
 
@@ -213,6 +225,16 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             "so a call ends within the delivery job's time"
         )
 
+    # 0 turns the limit off; below the adaptive floor it would be raised by
+    # the very overload it should slow down for.
+    max_rps = number("COPERNICA_MAX_RPS", DEFAULT_COPERNICA_MAX_RPS, float, 0, 10_000)
+    if 0 < max_rps < MIN_RPS:
+        problems.append(f"COPERNICA_MAX_RPS must be 0 (off) or at least {MIN_RPS}")
+
+    database = env.get("COPERNICA_DATABASE", "").strip()
+    if database in (".", ".."):
+        problems.append("COPERNICA_DATABASE cannot be '.' or '..'")
+
     settings = Settings(
         redis_url=redis_url,
         redis_tls_verify=tls_verify != "false",
@@ -229,9 +251,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         copernica_access_token=env.get("COPERNICA_ACCESS_TOKEN", "").strip() or None,
         copernica_database=env.get("COPERNICA_DATABASE", "").strip() or None,
         copernica_auth_url=auth_url,
-        copernica_max_rps=number(
-            "COPERNICA_MAX_RPS", DEFAULT_COPERNICA_MAX_RPS, float, 0
-        ),
+        copernica_max_rps=max_rps,
         copernica_max_concurrency=number(
             "COPERNICA_MAX_CONCURRENCY", DEFAULT_COPERNICA_MAX_CONCURRENCY, int, 0
         ),

@@ -18,6 +18,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -176,8 +178,12 @@ class ApiV1:
     def profile_body(self, fields: Mapping[str, Any]) -> Mapping[str, Any]:
         return dict(fields)
 
-    def profiles_get(self, database: str, selector: Selector, limit: int = 2) -> Call:
+    def profiles_get(
+        self, database: str, selector: Selector, limit: int = 2, start: int = 0
+    ) -> Call:
         params = selector_params(selector) + (("limit", str(limit)),)
+        if start:
+            params += (("start", str(start)),)
         return Call("GET", self._path("database", database, "profiles"), params)
 
     def fields_get(self, database: str, start: int = 0) -> Call:
@@ -261,6 +267,9 @@ JWT_DEFAULT_LIFETIME_SECONDS = 24 * 3600
 
 JWT_CACHE_PREFIX = "relay:copernica-jwt:"
 
+#: Three base64url segments: header, claims, signature.
+JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+
 
 @dataclass
 class JwtSource:
@@ -307,9 +316,18 @@ class JwtSource:
                     f"Copernica refused the access token ({response.status_code})"
                 )
             jwt = _jwt_from(response)
+        if not JWT_SHAPE.fullmatch(jwt):
+            # Anything else would be cached for hours and break every call
+            # (or its headers); treat it as a passing fault of the endpoint.
+            raise TransportError("token exchange answered something that is not a JWT")
 
         lifetime = _seconds_left(jwt)
-        cache_for = max(60, int(lifetime - JWT_RENEW_BEFORE_SECONDS))
+        cache_for = int(
+            min(
+                max(60, lifetime - JWT_RENEW_BEFORE_SECONDS),
+                JWT_DEFAULT_LIFETIME_SECONDS,
+            )
+        )
         self.connection.set(self.cache_key, jwt, ex=cache_for)
         self._jwt = jwt
         return jwt
@@ -331,7 +349,7 @@ def _jwt_from(response: requests.Response) -> str:
                 return data[name]
     if isinstance(data, str):
         return data
-    raise AuthenticationRefused("token exchange answered no token")
+    raise TransportError("token exchange answered something that is not a JWT")
 
 
 def _seconds_left(jwt: str) -> float:
@@ -340,9 +358,10 @@ def _seconds_left(jwt: str) -> float:
         claims = json.loads(
             base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
         )
-        return float(claims["exp"]) - time.time()
-    except (IndexError, ValueError, KeyError, TypeError):
+        left = float(claims["exp"]) - time.time()
+    except (IndexError, ValueError, KeyError, TypeError, OverflowError):
         return JWT_DEFAULT_LIFETIME_SECONDS
+    return left if math.isfinite(left) else JWT_DEFAULT_LIFETIME_SECONDS
 
 
 @dataclass

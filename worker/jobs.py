@@ -87,8 +87,11 @@ PROFILE_BUSY_DELAY_SECONDS = 1
 #: that dies holding it blocks the profile for seconds, not forever.
 LOCK_GRACE_SECONDS = 2
 
-#: Profiles matched for a privacy request, at most.
-REDACT_MATCH_LIMIT = 100
+#: Profiles asked for per page while matching a privacy request ...
+REDACT_PAGE = 1000
+
+#: ... and at most this many per match field.
+REDACT_MAX_PROFILES = 100_000
 
 
 class DeliveryFailed(Exception):
@@ -551,14 +554,20 @@ def _update_profile(run: Run, update: ProfileUpdate) -> list[dict[str, Any]]:
     try:
         results = [_profile_put(run, database, update, guard)]
         profile_id = results[0].get("created_id")
+        looked_up = False  # one look-up serves every subprofile
         for sub in update.subprofiles:
             if isinstance(sub, Skipped):
                 results.append(
                     _skipped(run, "subprofile skipped", sub.rule, sub.reason)
                 )
                 continue
-            if profile_id is None and f"{update.rule}/{sub.label}" not in attempt.done:
+            if (
+                profile_id is None
+                and not looked_up
+                and f"{update.rule}/{sub.label}" not in attempt.done
+            ):
                 profile_id = _profile_id(run, database, update)
+                looked_up = True
             results.append(_subprofile_put(run, update, sub, profile_id, guard))
     finally:
         if run.write_in_doubt:
@@ -625,7 +634,7 @@ def _subprofile_put(
 
     stale = _stale(run, guard, label)
     if profile_id is None:
-        reason = "no profile matches the selector (create is off)"
+        reason = "no profile matches the selector to attach it to"
         result = _skipped(run, "subprofile skipped", label, reason)
     elif stale:
         result = _skipped(run, "subprofile skipped", label, stale)
@@ -706,9 +715,15 @@ def _privacy(run: Run, delivery: Delivery) -> dict[str, Any]:
         run.log("data request acknowledged", outcome="acknowledged")
         return {"outcome": "acknowledged", "calls": []}
 
+    shop = shop or delivery.account
     if delivery.topic == "shop/redact":
-        erased = privacy_topics.erase_copies(queue, shop or delivery.account, (), keep)
-        run.log("shop redacted", outcome="redacted", local_copies_erased=erased)
+        erased = privacy_topics.erase_copies(queue, shop, None, keep)
+        run.log(
+            "shop redacted",
+            outcome="redacted" if shop else "skipped",
+            local_copies_erased=erased,
+            reason=None if shop else "the request names no shop",
+        )
         return {"outcome": "redacted", "local_copies_erased": erased, "calls": []}
 
     return _redact_customer(run, delivery, queue, shop, keep)
@@ -740,7 +755,7 @@ def _redact_customer(run, delivery, queue, shop, keep) -> dict[str, Any]:
     else:
         results.append(_redact_profiles(run, privacy, selectors))
 
-    erased = privacy_topics.erase_copies(queue, shop or delivery.account, needles, keep)
+    erased = privacy_topics.erase_copies(queue, shop, needles, keep)
     run.log(
         "customer redacted",
         outcome=_overall(results),
@@ -768,16 +783,51 @@ def _redact_profiles(run: Run, privacy: PrivacyRule, selectors) -> dict[str, Any
             ProfileUpdate("privacy", database, selector, {}, False, False),
         )
 
+    # The customer's profiles are held like any delivery holds them, so a
+    # delivery for the same customer still in flight finishes first (and is
+    # then cleared), instead of writing the data back right after.
+    guards = []
+    try:
+        for selector in selectors:
+            guard = ProfileGuard(
+                run.connection,
+                database,
+                selector,
+                lock_seconds=run.settings.job_timeout_seconds + LOCK_GRACE_SECONDS,
+                mark_ttl_seconds=run.settings.order_ttl_seconds,
+            )
+            if not guard.acquire():
+                run.log(
+                    "profile busy, redaction comes back shortly",
+                    rule="privacy",
+                    outcome="busy",
+                )
+                raise ComeBack(
+                    Retry(max=RQ_RETRY_CEILING, interval=PROFILE_BUSY_DELAY_SECONDS)
+                )
+            guards.append(guard)
+        return _clear_or_delete(run, privacy, database, selectors)
+    finally:
+        if not run.write_in_doubt:
+            for guard in guards:
+                guard.release()
+
+
+def _clear_or_delete(run: Run, privacy: PrivacyRule, database: str, selectors):
     profile_ids: set[str] = set()
     for selector in selectors:
-        call = run.api.profiles_get(database, selector, limit=REDACT_MATCH_LIMIT)
-        answer = run.require(run.send(call, "privacy"), "privacy")
-        data = answer.data.get("data") if isinstance(answer.data, dict) else None
-        profile_ids.update(
-            str(item["ID"])
-            for item in data or ()
-            if isinstance(item, dict) and "ID" in item
-        )
+        start = 0
+        while True:  # every page: a customer may have many profiles
+            call = run.api.profiles_get(
+                database, selector, limit=REDACT_PAGE, start=start
+            )
+            answer = run.require(run.send(call, "privacy"), "privacy")
+            data = answer.data.get("data") if isinstance(answer.data, dict) else None
+            page = [item for item in data or () if isinstance(item, dict)]
+            profile_ids.update(str(item["ID"]) for item in page if "ID" in item)
+            start += len(page)
+            if len(page) < REDACT_PAGE or start >= REDACT_MAX_PROFILES:
+                break
 
     done = run.attempt.done.setdefault("privacy-profiles", [])
     for profile_id in sorted(profile_ids - set(done)):
@@ -800,7 +850,7 @@ def _redact_profiles(run: Run, privacy: PrivacyRule, selectors) -> dict[str, Any
         "rule": "privacy",
         "outcome": "applied",
         "action": privacy.action,
-        "profiles": len(profile_ids),
+        "profiles": len(set(done) | profile_ids),
     }
     run.attempt.done["privacy"] = result
     return result

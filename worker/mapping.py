@@ -208,6 +208,8 @@ def _parse_rule(label: str, raw: Any, default_database: str | None) -> Rule:
         )
 
     database = raw.get("database", default_database)
+    if database is not None and str(database).strip() in ("", ".", ".."):
+        raise MappingError(f"database {database!r} is not a database id or name")
     return Rule(
         name=str(raw.get("name") or label),
         source=source,

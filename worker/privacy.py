@@ -16,6 +16,7 @@ Nothing here logs a name, an email or a phone number: only counts and ids.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -50,16 +51,23 @@ def stored_job_ids(queue: Queue) -> list[str]:
 def erase_copies(
     queue: Queue,
     shop: str | None,
-    needles: Iterable[str] = (),
+    needles: Iterable[str] | None = None,
     keep: str | None = None,
 ) -> int:
-    """Delete stored deliveries of ``shop`` (whose bodies hold a needle, if any).
+    """Delete stored deliveries of ``shop`` whose bodies hold one of ``needles``.
 
-    Needles are matched in the body's JSON text: an email in any letter case
-    as a string, a customer id as a number or a string. ``keep`` is the job
-    doing the erasing.
+    ``needles=None`` means every delivery of the shop (shop/redact). Needles
+    are matched in the body's JSON text: an email in any letter case, with or
+    without surrounding spaces, as a string; a customer id as a number or a
+    string. ``keep`` is the job doing the erasing. Without a shop, or with an
+    empty list of needles, nothing is erased: a request that names nobody
+    must not wipe other customers' pending events.
     """
-    patterns = _patterns(needles)
+    if not shop:
+        return 0
+    patterns = None if needles is None else _patterns(needles)
+    if patterns is not None and not patterns:
+        return 0
     erased = 0
     ids = [job_id for job_id in stored_job_ids(queue) if job_id != keep]
     for start in range(0, len(ids), SCAN_BATCH):
@@ -74,27 +82,29 @@ def erase_copies(
             record = job.args[0]
             if record.get("source") != "shopify":
                 continue
-            if shop and record.get("account") not in (shop, None):
+            if record.get("account") != shop:
                 continue
-            if patterns and not _mentions(record.get("body"), patterns):
+            if patterns is not None and not _mentions(record.get("body"), patterns):
                 continue
             job.delete()
             erased += 1
     return erased
 
 
-def _patterns(needles: Iterable[str]) -> list[str]:
+def _patterns(needles: Iterable[str]) -> list[re.Pattern]:
     patterns = []
     for needle in needles:
         text = str(needle).strip().lower()
         if not text:
             continue
-        patterns.append(json.dumps(text))  # as a JSON string, quotes included
+        # As a JSON string, spaces inside the quotes allowed; non-ASCII as is.
+        quoted = json.dumps(text, ensure_ascii=False)[1:-1]
+        patterns.append(re.compile(rf'"\s*{re.escape(quoted)}\s*"'))
         if text.isdigit():
-            patterns.extend((f": {text},", f": {text}}}", f":{text},", f":{text}}}"))
+            patterns.append(re.compile(rf"[:\[,]\s*{text}\s*[,}}\]]"))
     return patterns
 
 
-def _mentions(body: Any, patterns: list[str]) -> bool:
+def _mentions(body: Any, patterns: list[re.Pattern]) -> bool:
     text = json.dumps(body, ensure_ascii=False).lower()
-    return any(pattern in text for pattern in patterns)
+    return any(pattern.search(text) for pattern in patterns)

@@ -24,6 +24,9 @@ Send = Callable[[Call], Answer]
 
 SCHEMA_PREFIX = "relay:schema:"
 
+#: Field-list pages read at most (a thousand fields each).
+MAX_FIELD_PAGES = 20
+
 #: Filter names Copernica understands on every database without a field.
 SPECIAL_SELECTOR_FIELDS = frozenset({"id", "code"})
 
@@ -101,6 +104,10 @@ def _all_pages(send: Send, api: ApiV1, database: str) -> list[dict]:
         total = answer.data.get("total") if isinstance(answer.data, dict) else None
         if len(page) < PAGE_LIMIT or (isinstance(total, int) and len(items) >= total):
             return items
+        if len(items) >= MAX_FIELD_PAGES * PAGE_LIMIT:
+            # A database has a few hundred fields; an answer that keeps
+            # going is broken, and would keep this loop going forever.
+            raise SchemaUnavailable(None, f"database {database} (endless field list)")
 
 
 def _page_data(data) -> list[dict]:

@@ -122,3 +122,18 @@ def test_operator_commands_say_so_when_redis_is_not_there(tmp_path):
     assert listed.returncode == 1
     assert "Redis not reachable" in listed.stderr
     assert "Traceback" not in listed.stderr
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("COPERNICA_MAX_RPS", "nan"),
+        ("COPERNICA_MAX_RPS", "inf"),
+        ("COPERNICA_MAX_RPS", "0.01"),
+        ("RELAY_SCHEMA_TTL", "99999999999999999"),
+        ("COPERNICA_DATABASE", ".."),
+    ],
+)
+def test_values_that_would_break_limits_or_redis_are_refused(name, value):
+    with pytest.raises(ConfigurationError, match=name):
+        load_settings({name: value})

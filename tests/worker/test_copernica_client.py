@@ -142,3 +142,20 @@ def test_cached_jwts_and_field_lists_are_kept_apart_per_token_and_account():
     one = SchemaCache(None, None, ApiV1(), 60, account="https://a\ntoken-a")
     other = SchemaCache(None, None, ApiV1(), 60, account="https://b\ntoken-a")
     assert one._key("1234") != other._key("1234")
+
+
+@pytest.mark.parametrize("answer", ["abc X: 1", "pr€tty", "<html>no</html>", "{}"])
+def test_a_token_answer_that_is_no_jwt_is_not_cached(standin, redis_client, answer):
+    from worker.copernica import JwtSource
+
+    standin.add_fault(Fault(status=200, body=answer, path_contains="/authenticate"))
+    source = JwtSource(redis_client, f"{standin.base_url}/authenticate", TOKEN)
+
+    with pytest.raises(TransportError, match="not a JWT"):
+        source.current()
+    assert not redis_client.exists(source.cache_key)
+
+    jwt = source.current()  # the endpoint answers properly again
+    assert jwt.count(".") == 2
+    assert redis_client.ttl(source.cache_key) > 60
+    redis_client.delete(source.cache_key)
