@@ -28,19 +28,9 @@ from rq.serializers import JSONSerializer
 from app import intake
 from app.deliveries import Delivery
 from bench.common import ROOT, record
-from tests.harness import COPERNICA_TOKEN, relay_env
+from tests.harness import COPERNICA_TOKEN, DATABASE_FIELDS, relay_env
 from tests.standin.copernica import CopernicaStandIn
 from tools.embedded_redis import RedisServer
-
-FIELDS = [
-    "email",
-    "firstname",
-    "lastname",
-    "phone",
-    "shopify_customer_id",
-    "city",
-    "country",
-]
 
 
 def main() -> None:
@@ -57,7 +47,9 @@ def main() -> None:
     with (
         tempfile.TemporaryDirectory() as scratch,
         CopernicaStandIn(
-            access_token=COPERNICA_TOKEN, databases={1234: FIELDS}, put_status=303
+            access_token=COPERNICA_TOKEN,
+            databases={1234: DATABASE_FIELDS},
+            put_status=303,
         ) as standin,
     ):
         server = RedisServer(Path(scratch) / "redis", unix_socket=False)

@@ -235,6 +235,23 @@ class Relay:
         return "\n".join(parts + [worker.output() for worker in self.workers])
 
 
+def started_relay(
+    redis_url: str,
+    copernica_url: str,
+    folder: Path,
+    mapping: str | None = None,
+    **env: str,
+) -> Relay:
+    """A running relay (web and one worker), with its own mapping if given."""
+    if mapping is not None:
+        (folder / "mappings.yaml").write_text(mapping)
+        env["RELAY_MAPPINGS"] = str(folder / "mappings.yaml")
+    relay = Relay(env=relay_env(redis_url, copernica_url, **env), log_dir=folder)
+    relay.start_web()
+    relay.start_worker()
+    return relay
+
+
 def wait_for_log(relay, event: str, timeout: float = 20.0) -> dict:
     """The first JSON log line of ``event`` from the relay's processes."""
     deadline = time.monotonic() + timeout

@@ -21,6 +21,7 @@ import redis
 from app.intake import DEDUPE_PREFIX
 from tests.harness import (
     COPERNICA_TOKEN,
+    DATABASE_FIELDS,
     ROOT,
     Relay,
     relay_env,
@@ -32,16 +33,6 @@ from tests.standin.copernica import CopernicaStandIn, Fault
 from tools.embedded_redis import RedisServer
 
 pytestmark = pytest.mark.e2e
-
-FIELDS = [
-    "email",
-    "firstname",
-    "lastname",
-    "phone",
-    "shopify_customer_id",
-    "city",
-    "country",
-]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +49,7 @@ def standin():
     # the real API; only the relay's per-profile lock prevents duplicates.
     with CopernicaStandIn(
         access_token=COPERNICA_TOKEN,
-        databases={1234: FIELDS},
+        databases={1234: DATABASE_FIELDS},
         put_status=303,
         upsert_window=0.3,
     ) as server:

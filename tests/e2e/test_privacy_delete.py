@@ -7,10 +7,9 @@ import redis
 
 from tests.harness import (
     COPERNICA_TOKEN,
-    Relay,
     fixture_bytes,
-    relay_env,
     shopify_headers,
+    started_relay,
     wait_for_job,
     wait_for_log,
 )
@@ -46,19 +45,13 @@ def standin():
 
 @pytest.fixture(scope="module")
 def relay(redis_server, standin, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("privacy-delete")
-    (folder / "mappings.yaml").write_text(MAPPING)
-    relay = Relay(
-        env=relay_env(
-            redis_server.url,
-            standin.base_url,
-            RELAY_MAPPINGS=str(folder / "mappings.yaml"),
-            RELAY_QUEUE="privacy-delete",
-        ),
-        log_dir=folder,
+    relay = started_relay(
+        redis_server.url,
+        standin.base_url,
+        tmp_path_factory.mktemp("privacy-delete"),
+        MAPPING,
+        RELAY_QUEUE="privacy-delete",
     )
-    relay.start_web()
-    relay.start_worker()
     yield relay
     relay.stop()
 

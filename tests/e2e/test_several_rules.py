@@ -7,9 +7,8 @@ import redis
 
 from tests.harness import (
     COPERNICA_TOKEN,
-    Relay,
-    relay_env,
     shopify_headers,
+    started_relay,
     wait_for_job,
     writes,
 )
@@ -48,21 +47,15 @@ def standin():
 
 @pytest.fixture(scope="module")
 def relay(redis_server, standin, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("several-rules")
-    (folder / "mappings.yaml").write_text(MAPPING)
-    relay = Relay(
-        env=relay_env(
-            redis_server.url,
-            standin.base_url,
-            RELAY_MAPPINGS=str(folder / "mappings.yaml"),
-            RELAY_QUEUE="several-rules",
-            COPERNICA_CONNECT_TIMEOUT="1",
-            COPERNICA_READ_TIMEOUT="24",
-        ),
-        log_dir=folder,
+    relay = started_relay(
+        redis_server.url,
+        standin.base_url,
+        tmp_path_factory.mktemp("several-rules"),
+        MAPPING,
+        RELAY_QUEUE="several-rules",
+        COPERNICA_CONNECT_TIMEOUT="1",
+        COPERNICA_READ_TIMEOUT="24",
     )
-    relay.start_web()
-    relay.start_worker()
     yield relay
     relay.stop()
 
