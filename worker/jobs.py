@@ -398,47 +398,24 @@ def deliver(record: dict[str, Any]) -> dict[str, Any] | Retry:
         return result
     except ComeBack as back:
         return back.retry
-    except JobTimeoutException:
-        # Cut off by RQ's time limit (a trickling answer, a stuck call). Not
-        # a reason to give up: try again on the schedule.
-        attempt.failures += 1
-        delay = next_delay(attempt.failures - 1, ctx.settings.retry_schedule_seconds)
-        run.log(
-            "delivery will be retried",
-            outcome="retry",
-            level=logging.WARNING,
-            reason="the job's time limit ran out",
-            retry_in_s=delay,
-        )
-        if delay is None:
-            meta["reason"] = (
-                f"gave up after {attempt.failures} attempts; last: "
-                "the job's time limit ran out"
-            )
-            raise DeliveryFailed(meta["reason"]) from None
-        return Retry(max=RQ_RETRY_CEILING, interval=delay)
-    except redis.RedisError as error:
+    except (JobTimeoutException, redis.RedisError) as error:
+        # Cut off by RQ's time limit (a trickling answer, a stuck call), or
         # Redis hiccupped mid-delivery (a lock, a mark, the field cache): the
         # delivery has not failed; try again on the schedule.
-        attempt.failures += 1
-        delay = next_delay(attempt.failures - 1, ctx.settings.retry_schedule_seconds)
-        run.log(
-            "delivery will be retried",
-            outcome="retry",
-            level=logging.WARNING,
-            reason=f"Redis: {type(error).__name__}",
-            retry_in_s=delay,
+        reason = (
+            "the job's time limit ran out"
+            if isinstance(error, JobTimeoutException)
+            else f"Redis: {type(error).__name__}"
         )
-        if delay is None:
-            meta["reason"] = (
-                f"gave up after {attempt.failures} attempts; last: Redis "
-                f"{type(error).__name__}"
-            )
-            raise DeliveryFailed(meta["reason"]) from None
-        return Retry(max=RQ_RETRY_CEILING, interval=delay)
-    except DeliveryFailed as error:
-        meta["reason"] = str(error)
-        meta["failed_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+        try:
+            run.require(Answer(status=0, message=reason), "delivery")
+        except ComeBack as back:
+            return back.retry
+        except DeliveryFailed as failed:
+            _record_failure(meta, failed)
+            raise
+    except DeliveryFailed as failed:
+        _record_failure(meta, failed)
         raise
     finally:
         # What a later run needs (calls applied, failures counted) is saved
@@ -454,6 +431,11 @@ def deliver(record: dict[str, Any]) -> dict[str, Any] | Retry:
                 run.log(
                     "job progress not saved", outcome="unsaved", level=logging.WARNING
                 )
+
+
+def _record_failure(meta: dict[str, Any], failed: DeliveryFailed) -> None:
+    meta["reason"] = str(failed)
+    meta["failed_at"] = datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _deliver(run: Run, delivery: Delivery) -> dict[str, Any]:
