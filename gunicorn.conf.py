@@ -1,12 +1,23 @@
 """Gunicorn settings for the web process, read from the environment.
 
-Threaded workers: a webhook's work is a few Redis round trips, so threads keep
-the acks fast without a process per connection, and one slow client holds a
-thread, not a whole worker.
+gevent workers: a webhook's work is a few Redis round trips, and a client
+that sends its request slowly (a byte at a time, or less than it promised)
+holds only a cheap greenlet while it does. With threads (gthread, 8 per
+process) twenty such clients held every thread and everyone else waited;
+gunicorn 27 reads headers and body in the thread with no time limit, and a
+container often has no buffering proxy in front to absorb such clients. The
+body read has a deadline of its own (app/webhooks.py answers 408).
 """
 
 import os
 import sys
+
+# Before anything else opens a socket or a lock: the app is loaded here in
+# the master (preload_app), and its Redis pool must use gevent's sockets and
+# queues in the workers.
+from gevent import monkey
+
+monkey.patch_all()
 
 
 def _whole_number(name: str, default: int) -> int:
@@ -18,8 +29,9 @@ def _whole_number(name: str, default: int) -> int:
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{_whole_number('PORT', 8000)}"
 workers = _whole_number("WEB_CONCURRENCY", 2)
-worker_class = "gthread"
-threads = _whole_number("WEB_THREADS", 8)
+worker_class = "gevent"
+# Connections served at once per process; each needs a file descriptor.
+worker_connections = 1000
 
 # Under Heroku's 30 s router limit and shutdown grace.
 timeout = 25

@@ -14,9 +14,14 @@ WEB_SOCKET_TIMEOUT_SECONDS = 2.0
 #: dropped by the server (or a proxy) is replaced instead of failing a request.
 HEALTH_CHECK_INTERVAL_SECONDS = 30
 
-#: Upper bound of connections per process: a web process needs about one per
-#: thread (8 by default), a worker four (jobs, scheduler, pub/sub, spare).
+#: Upper bound of connections per process: a web process needs a handful for
+#: its requests in flight, a worker four (jobs, scheduler, pub/sub, spare).
 MAX_CONNECTIONS = 16
+
+#: A request that finds every connection in use waits this long for one
+#: instead of failing at once: the web process serves hundreds of
+#: connections per process (gevent), more than it keeps Redis connections.
+POOL_WAIT_SECONDS = 2.0
 
 
 def connect(
@@ -29,11 +34,13 @@ def connect(
         # vouches for; REDIS_TLS_VERIFY=false accepts it. The connection is
         # still encrypted. Set explicitly, never by default.
         options["ssl_cert_reqs"] = None
-    return redis.Redis.from_url(
+    pool = redis.BlockingConnectionPool.from_url(
         url,
         socket_timeout=socket_timeout,
         socket_connect_timeout=WEB_SOCKET_TIMEOUT_SECONDS,
         health_check_interval=HEALTH_CHECK_INTERVAL_SECONDS,
         max_connections=MAX_CONNECTIONS,
+        timeout=POOL_WAIT_SECONDS,
         **options,
     )
+    return redis.Redis(connection_pool=pool)

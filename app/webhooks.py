@@ -9,11 +9,13 @@ could not be stored or the source has no secret, so the sender retries.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from datetime import UTC, datetime
 
 import redis
 from flask import Blueprint, current_app, jsonify, request
+from gevent import Timeout
 
 from app import intake
 from app.deliveries import BUILDERS, DeliveryError, parse_body
@@ -23,6 +25,16 @@ from worker.privacy import PRIVACY_TOPICS
 bp = Blueprint("webhooks", __name__)
 
 log = logging.getLogger("relay.web")
+
+#: The whole body must arrive within this many seconds. Shopify gives up on
+#: a webhook after 5 s anyway; a sender slower than this is trickling, and
+#: must not keep its connection (and a slot of the server) for ever.
+BODY_READ_SECONDS = 10.0
+
+
+class BodyTooSlow(Exception):
+    """The body did not arrive within BODY_READ_SECONDS."""
+
 
 VERIFIERS = {
     "shopify": (verify_shopify, "X-Shopify-Hmac-Sha256"),
@@ -44,6 +56,10 @@ def receive(source: str):
 
     try:
         body = _read_body(settings.max_body_bytes)
+    except BodyTooSlow:
+        return _answer(
+            408, "body not received in time", source, started, seconds=BODY_READ_SECONDS
+        )
     except Exception:
         # A broken chunked encoding or a client gone mid-body: nothing to
         # verify, and no reason to log a traceback for it.
@@ -109,8 +125,27 @@ def _read_body(limit: int) -> bytes | None:
     if request.content_length is not None and request.content_length > limit:
         return None
     # A chunked body has no declared length: read one byte past the limit.
-    body = request.stream.read(limit + 1)
+    # The deadline covers the whole read, however slowly the bytes trickle;
+    # it fires under gunicorn's gevent workers, where the read yields.
+    try:
+        with Timeout(BODY_READ_SECONDS, BodyTooSlow):
+            body = request.stream.read(limit + 1)
+    except BodyTooSlow:
+        _stop_reading()
+        raise
     return None if len(body) > limit else body
+
+
+def _stop_reading() -> None:
+    # Whatever else the client sends is not read: gunicorn would otherwise
+    # drain the rest of the body, at the client's pace, before closing.
+    client = request.environ.get("gunicorn.socket")
+    if client is None:
+        return
+    try:
+        client.shutdown(socket.SHUT_RD)
+    except OSError:
+        pass
 
 
 def _answer(status: int, outcome: str, source: str, started: float, **facts):
