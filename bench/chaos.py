@@ -58,6 +58,7 @@ from tests.harness import (
     shopify_headers,
     typeform_headers,
 )
+from tests.leaks import dump_jobs
 from tests.standin.copernica import CopernicaStandIn, Fault
 from tools.embedded_redis import RedisServer
 
@@ -540,6 +541,8 @@ def run(plan: Plan, folder: Path, seed: int = 7) -> dict:
         connection.close()
         relay.stop()
         standin.stop()
+        # What the jobs hold, beside the logs, for the test suite's leak check.
+        dump_jobs(redis_server.url, folder)
         redis_server.stop()
 
     unique = {event.tag: event for event in sends}.values()

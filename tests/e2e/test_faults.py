@@ -29,6 +29,7 @@ from tests.harness import (
     wait_for_job,
     writes,
 )
+from tests.leaks import dump_jobs
 from tests.standin.copernica import CopernicaStandIn, Fault
 from tools.embedded_redis import RedisServer
 
@@ -40,6 +41,9 @@ def own_redis(tmp_path_factory):
     server = RedisServer(tmp_path_factory.mktemp("faults-redis"), unix_socket=False)
     server.start()
     yield server
+    if server.process is None:
+        server.start()  # a test left it stopped; its jobs are still on disk
+    dump_jobs(server.url, server.directory)
     server.stop()
 
 

@@ -7,6 +7,7 @@ import requests
 
 from app.intake import dedupe_key
 from tests.harness import Relay, relay_env, shopify_headers, typeform_headers
+from tests.leaks import dump_jobs
 from tools.embedded_redis import RedisServer
 
 pytestmark = pytest.mark.e2e
@@ -17,6 +18,9 @@ def own_redis(tmp_path_factory):
     server = RedisServer(tmp_path_factory.mktemp("redis-down"), unix_socket=False)
     server.start()
     yield server
+    if server.process is None:
+        server.start()  # a test left it stopped; its jobs are still on disk
+    dump_jobs(server.url, server.directory)
     server.stop()
 
 
