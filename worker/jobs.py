@@ -673,14 +673,23 @@ def _stale(run: Run, guard: ProfileGuard, label: str) -> str | None:
             f"older than the newest event applied to this profile "
             f"({_iso(moment)} < {_iso(mark)})"
         )
+    # The same time is checked further: only this very delivery, sent again
+    # after the dedupe window, is stale; another event of that second is not.
+    if mark == moment and guard.marked_by(label, _delivery_name(run)):
+        return "this delivery was already applied to this profile (a replay)"
     return None
+
+
+def _delivery_name(run: Run) -> str:
+    facts = run.attempt.facts
+    return f"{facts['source']}\n{facts['delivery']}"
 
 
 def _applied(run: Run, guard: ProfileGuard, label: str) -> None:
     # Written only now that Copernica took the PUT: a failed call must not
     # make the retry of this very event look stale.
     if run.attempt.event_time is not None:
-        guard.raise_mark(label, run.attempt.event_time)
+        guard.raise_mark(label, run.attempt.event_time, _delivery_name(run))
 
 
 def _privacy(run: Run, delivery: Delivery) -> dict[str, Any]:

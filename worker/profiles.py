@@ -8,8 +8,10 @@ create a profile. So, per Copernica selector:
 - a **lock** (Redis ``SET NX`` with a timeout) lets one delivery at a time call
   Copernica; a delivery that finds it taken is rescheduled shortly;
 - an **order mark** remembers the event time of the newest event applied by
-  each rule. An older event is skipped. The mark is written, as a maximum in
-  one Lua call, only after Copernica accepted the PUT.
+  each rule, and which delivery brought it. An older event is skipped, and
+  so is that same delivery sent again (a replay after the dedupe window).
+  The mark is written, as a maximum in one Lua call, only after Copernica
+  accepted the PUT.
 
 Marks are kept per rule because each rule writes its own set of fields: an
 older consent event must still apply after a newer customer update.
@@ -36,16 +38,20 @@ end
 return 0
 """
 
-#: Raises a mark to ARGV[1] unless it is already there or beyond; keeps TTL
-#: fresh. Returns the mark in force afterwards.
+#: Raises a mark to ARGV[1] unless it is already beyond; keeps TTL fresh.
+#: KEYS[2] names the delivery (ARGV[3]) that brought the mark's time, so a
+#: replay of it is known; at an equal time the latest delivery is named.
+#: Returns the mark in force afterwards.
 RAISE_MARK = """
 local current = tonumber(redis.call('GET', KEYS[1]))
 local candidate = tonumber(ARGV[1])
-if current == nil or candidate > current then
+if current == nil or candidate >= current then
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[2])
   return ARGV[1]
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
 return tostring(current)
 """
 
@@ -92,6 +98,11 @@ def selector_digest(database: str, selector: tuple[tuple[str, str], ...]) -> str
     return hashlib.sha256(f"{database}\x1e{text}".encode()).hexdigest()[:32]
 
 
+def delivery_digest(delivery: str) -> str:
+    # A delivery id may carry a shop's or form's name; Redis keeps a digest.
+    return hashlib.sha256(delivery.encode()).hexdigest()[:24]
+
+
 class ProfileGuard:
     """Lock and order marks for one selector in one database."""
 
@@ -123,11 +134,23 @@ class ProfileGuard:
         value = self.connection.get(self._mark_key(rule))
         return float(value) if value is not None else None
 
-    def raise_mark(self, rule: str, moment: float) -> float:
+    def raise_mark(self, rule: str, moment: float, delivery: str = "") -> float:
+        key = self._mark_key(rule)
         result = self.connection.eval(
-            RAISE_MARK, 1, self._mark_key(rule), repr(moment), self.mark_ttl
+            RAISE_MARK,
+            2,
+            key,
+            key + ":by",
+            repr(moment),
+            self.mark_ttl,
+            delivery_digest(delivery) if delivery else "",
         )
         return float(result)
+
+    def marked_by(self, rule: str, delivery: str) -> bool:
+        """Whether ``delivery`` brought the rule's mark to its present time."""
+        named = self.connection.get(self._mark_key(rule) + ":by")
+        return named is not None and named.decode() == delivery_digest(delivery)
 
     def _mark_key(self, rule: str) -> str:
         return self.mark_prefix + hashlib.sha256(rule.encode()).hexdigest()[:12]

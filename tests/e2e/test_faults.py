@@ -317,6 +317,31 @@ def test_replay_after_the_dedupe_window_does_not_undo_a_newer_change(
     assert profile["fields"]["firstname"] == "New"
 
 
+def test_replay_of_the_newest_delivery_after_the_dedupe_window_is_not_applied_again(
+    relay, standin, client, workers
+):
+    # The captured delivery is the newest for its profile, so no newer mark
+    # stands in its way: the mark's own delivery is what catches it.
+    workers()
+    body = customer("captured@example.com", "2026-08-14T10:00:00+00:00", "Once")
+    same_second = customer("captured@example.com", "2026-08-14T10:00:00+00:00", "Too")
+    first = wait_for_job(client, send(relay, body, delivery_id="captured-delivery"))
+
+    for key in client.scan_iter(f"{DEDUPE_PREFIX}*"):
+        client.delete(key)  # as if 72 hours had passed
+    replay = wait_for_job(client, send(relay, body, delivery_id="captured-delivery"))
+    # Another delivery of the same second is still applied.
+    other = wait_for_job(client, send(relay, same_second))
+
+    assert first.return_value()["outcome"] == "applied"
+    assert replay.return_value()["outcome"] == "skipped"
+    assert "a replay" in replay.return_value()["calls"][0]["reason"]
+    assert other.return_value()["outcome"] == "applied"
+    assert len(writes(standin)) == 2
+    [profile] = profiles_with(standin, "captured@example.com")
+    assert profile["fields"]["firstname"] == "Too"
+
+
 def relay_cli(relay, *args):
     return subprocess.run(
         [sys.executable, "-m", "app", *args],

@@ -65,3 +65,17 @@ def test_marks_only_move_forward_and_are_kept_per_rule(guard, redis_client):
     assert g.mark("rule-a") == 200.5
     assert g.mark("rule-b") is None
     assert 0 < redis_client.ttl(g._mark_key("rule-a")) <= 60
+
+
+def test_a_mark_remembers_the_delivery_that_brought_its_time(guard):
+    g = guard()
+    g.raise_mark("rule-a", 200.0, "shopify\nd-1")
+    assert g.marked_by("rule-a", "shopify\nd-1")
+    assert not g.marked_by("rule-a", "shopify\nd-2")
+
+    # Another event of the same second takes the mark over; an older one not.
+    assert g.raise_mark("rule-a", 200.0, "shopify\nd-2") == 200.0
+    assert g.marked_by("rule-a", "shopify\nd-2")
+    assert g.raise_mark("rule-a", 100.0, "shopify\nd-3") == 200.0
+    assert g.marked_by("rule-a", "shopify\nd-2")
+    assert not g.marked_by("rule-b", "shopify\nd-2")
