@@ -7,12 +7,16 @@ thread, not a whole worker.
 
 import os
 import sys
+from pathlib import Path
+
+_problems: list[str] = []
 
 
 def _whole_number(name: str, default: int) -> int:
     raw = os.environ.get(name, "").strip() or str(default)
     if not raw.isdigit() or int(raw) < 1:
-        sys.exit(f"relay not started: {name} must be a whole number >= 1, got {raw!r}")
+        _problems.append(f"{name} must be a whole number >= 1, got {raw!r}")
+        return default
     return int(raw)
 
 
@@ -20,6 +24,19 @@ bind = f"{os.environ.get('HOST', '0.0.0.0')}:{_whole_number('PORT', 8000)}"
 workers = _whole_number("WEB_CONCURRENCY", 2)
 worker_class = "gthread"
 threads = _whole_number("WEB_THREADS", 8)
+
+if _problems:
+    # One message with every problem, the relay's own settings included, as
+    # create_app would give if gunicorn's values had been right.
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from app.settings import ConfigurationError, load_settings
+
+    try:
+        load_settings()
+    except ConfigurationError as error:
+        _problems += error.problems
+    _lines = "\n".join(f"  - {problem}" for problem in _problems)
+    sys.exit(f"relay not started: invalid configuration:\n{_lines}")
 
 # Under Heroku's 30 s router limit and shutdown grace.
 timeout = 25
