@@ -50,6 +50,8 @@ def create_app(
     connection = connect_with(settings, socket_timeout=WEB_SOCKET_TIMEOUT_SECONDS)
     if check_redis:
         _check_redis(connection, settings)
+        # Under gunicorn this ran in the master: its processes open their own.
+        connection.connection_pool.disconnect()
     app.extensions["relay"] = {
         "settings": settings,
         "rules": rules,
