@@ -136,7 +136,9 @@ class Settings:
             "copernica_max_rps": self.copernica_max_rps,
             "copernica_max_concurrency": self.copernica_max_concurrency,
             "redis_tls_verify": self.redis_tls_verify,
-            "redis_tls_ca_file": str(self.redis_tls_ca_file or "") or None,
+            "redis_tls_ca_file": (
+                str(self.redis_tls_ca_file) if self.redis_tls_ca_file else None
+            ),
             "allow_eviction": self.allow_eviction,
             "dry_run": self.dry_run,
             "retry_schedule_seconds": list(self.retry_schedule_seconds),
