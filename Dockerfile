@@ -1,6 +1,7 @@
-# copernica-relay: one image for both process types.
-#   web:    the default command (gunicorn on $PORT, default 8000)
-#   worker: docker run ... python -m worker
+# copernica-relay: one image for every process type (the Procfile's commands).
+#   web:     the default command (gunicorn on $PORT, default 8000)
+#   worker:  docker run ... python -m worker
+#   check:   docker run ... python -m app check   (before web and workers start)
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -16,7 +17,6 @@ RUN pip install -r requirements.txt
 
 COPY app ./app
 COPY worker ./worker
-COPY tools ./tools
 COPY gunicorn.conf.py ./
 
 # The relay needs no privileges; it never writes to its own files.

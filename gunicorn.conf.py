@@ -11,6 +11,7 @@ body read has a deadline of its own (app/webhooks.py answers 408).
 
 import os
 import sys
+from pathlib import Path
 
 # Before anything else opens a socket or a lock: the app is loaded here in
 # the master (preload_app), and its Redis pool must use gevent's sockets and
@@ -19,11 +20,14 @@ from gevent import monkey
 
 monkey.patch_all()
 
+_problems: list[str] = []
+
 
 def _whole_number(name: str, default: int) -> int:
     raw = os.environ.get(name, "").strip() or str(default)
     if not raw.isdigit() or int(raw) < 1:
-        sys.exit(f"relay not started: {name} must be a whole number >= 1, got {raw!r}")
+        _problems.append(f"{name} must be a whole number >= 1, got {raw!r}")
+        return default
     return int(raw)
 
 
@@ -32,6 +36,19 @@ workers = _whole_number("WEB_CONCURRENCY", 2)
 worker_class = "gevent"
 # Connections served at once per process; each needs a file descriptor.
 worker_connections = 1000
+
+if _problems:
+    # One message with every problem, the relay's own settings included, as
+    # create_app would give if gunicorn's values had been right.
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from app.settings import ConfigurationError, load_settings
+
+    try:
+        load_settings()
+    except ConfigurationError as error:
+        _problems += error.problems
+    _lines = "\n".join(f"  - {problem}" for problem in _problems)
+    sys.exit(f"relay not started: invalid configuration:\n{_lines}")
 
 # Under Heroku's 30 s router limit and shutdown grace.
 timeout = 25

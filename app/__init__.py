@@ -11,12 +11,19 @@ from __future__ import annotations
 import logging
 import sys
 
+import redis
 from flask import Flask, jsonify, request
 from rq import Queue
 from rq.serializers import JSONSerializer
 from werkzeug.exceptions import HTTPException
 
-from app.connections import WEB_SOCKET_TIMEOUT_SECONDS, connect
+from app.connections import (
+    WEB_SOCKET_TIMEOUT_SECONDS,
+    EvictionPolicyRefused,
+    check_eviction_policy,
+    connect_with,
+    explain,
+)
 from app.logs import configure_logging
 from app.settings import SOURCES, ConfigurationError, Settings, load_settings
 from worker.mapping import MappingError, load_rules
@@ -24,7 +31,11 @@ from worker.mapping import MappingError, load_rules
 log = logging.getLogger("relay.web")
 
 
-def create_app(settings: Settings | None = None, announce: bool = True) -> Flask:
+def create_app(
+    settings: Settings | None = None, announce: bool = True, check_redis: bool = True
+) -> Flask:
+    """The web app; ``check_redis=False`` for operator commands that may not
+    need Redis at all (``check`` reads the policy itself)."""
     configure_logging()
     try:
         settings = settings or load_settings()
@@ -36,11 +47,11 @@ def create_app(settings: Settings | None = None, announce: bool = True) -> Flask
         raise SystemExit(2) from None
 
     app = Flask(__name__)
-    connection = connect(
-        settings.redis_url,
-        socket_timeout=WEB_SOCKET_TIMEOUT_SECONDS,
-        tls_verify=settings.redis_tls_verify,
-    )
+    connection = connect_with(settings, socket_timeout=WEB_SOCKET_TIMEOUT_SECONDS)
+    if check_redis:
+        _check_redis(connection, settings)
+        # Under gunicorn this ran in the master: its processes open their own.
+        connection.connection_pool.disconnect()
     app.extensions["relay"] = {
         "settings": settings,
         "rules": rules,
@@ -71,6 +82,23 @@ def create_app(settings: Settings | None = None, announce: bool = True) -> Flask
                 },
             )
     return app
+
+
+def _check_redis(connection, settings: Settings) -> None:
+    try:
+        check_eviction_policy(connection, settings.allow_eviction)
+    except EvictionPolicyRefused as refused:
+        sys.stderr.write(f"relay not started: {refused}\n")
+        raise SystemExit(2) from None
+    except redis.RedisError as error:
+        # Start anyway: webhooks are answered 503 (and senders retry) until
+        # Redis answers, and the workers check the policy before they take a
+        # job. Refusing to start would turn a Redis restart into a web outage.
+        log.warning(
+            "Redis not reachable at start; webhooks are answered 503 until it "
+            "is, and its maxmemory-policy was not checked",
+            extra={"fields": {"error": explain(error)}},
+        )
 
 
 def _unexpected_error(error: Exception):

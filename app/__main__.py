@@ -10,6 +10,7 @@ import redis
 from flask.cli import AppGroup, ScriptInfo
 
 from app import cli, create_app
+from app.connections import explain
 
 relay_cli = AppGroup(
     "relay",
@@ -21,13 +22,15 @@ for command in cli.COMMANDS:
 if __name__ == "__main__":
     try:
         relay_cli.main(
-            obj=ScriptInfo(create_app=lambda: create_app(announce=False)),
+            obj=ScriptInfo(
+                create_app=lambda: create_app(announce=False, check_redis=False)
+            ),
             prog_name="bin/relay",
         )
     except redis.RedisError as error:
         # The commands that read the queue need Redis; say so in one line.
         sys.stderr.write(
-            f"Error: Redis not reachable ({type(error).__name__}); start bin/run "
+            f"Error: Redis not reachable ({explain(error)}); start bin/run "
             "or set REDIS_URL\n"
         )
         sys.exit(1)

@@ -10,11 +10,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import click
+import redis
 import requests
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 
 from app import failed as failed_store
+from app.connections import (
+    REQUIRED_POLICY,
+    EvictionPolicyRefused,
+    check_eviction_policy,
+    explain,
+)
 from app.signatures import TYPEFORM_PREFIX, sign
 from worker.copernica import AuthenticationRefused, TransportError
 from worker.jobs import client_for
@@ -300,6 +307,8 @@ def check(offline):
             + ("" if count else " - its webhooks are answered 503")
         )
 
+    _check_redis(relay["redis"], settings)
+
     if offline or settings.dry_run:
         why = "--offline" if offline else "no COPERNICA_ACCESS_TOKEN (dry run)"
         click.echo(f"Copernica not asked: {why}")
@@ -354,6 +363,19 @@ def check(offline):
     if failures:
         raise click.ClickException(_count(failures, "problem", "problems") + " found")
     click.echo("mapping matches Copernica")
+
+
+def _check_redis(connection, settings) -> None:
+    # Part of --offline too: Redis is the relay's own, and the release phase
+    # should stop a deployment whose Redis would evict queued events.
+    try:
+        policy = check_eviction_policy(connection, settings.allow_eviction)
+    except EvictionPolicyRefused as refused:
+        raise click.ClickException(str(refused)) from None
+    except redis.RedisError as error:
+        raise click.ClickException(f"Redis not reachable: {explain(error)}") from None
+    allowed = "" if policy == REQUIRED_POLICY else " (allowed by RELAY_ALLOW_EVICTION)"
+    click.echo(f"redis: ok (maxmemory-policy {policy}{allowed})")
 
 
 def context_for(settings, rules, privacy):

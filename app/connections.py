@@ -1,6 +1,10 @@
-"""Redis connections, one pool per process, with the timeouts each side needs."""
+"""Redis connections, one pool per process, with the timeouts each side needs,
+and the start-up check that Redis will not evict queued events."""
 
 from __future__ import annotations
+
+import logging
+from pathlib import Path
 
 import redis
 
@@ -23,9 +27,18 @@ MAX_CONNECTIONS = 16
 #: connections per process (gevent), more than it keeps Redis connections.
 POOL_WAIT_SECONDS = 2.0
 
+#: The only policy under which a full Redis refuses new events (the relay then
+#: answers 503 and the sender retries) instead of dropping stored ones.
+REQUIRED_POLICY = "noeviction"
+
+log = logging.getLogger("relay.redis")
+
 
 def connect(
-    url: str | None, socket_timeout: float | None = None, tls_verify: bool = True
+    url: str | None,
+    socket_timeout: float | None = None,
+    tls_verify: bool = True,
+    tls_ca_file: Path | None = None,
 ) -> redis.Redis:
     url = url or DEFAULT_REDIS_URL
     options = {}
@@ -34,6 +47,10 @@ def connect(
         # vouches for; REDIS_TLS_VERIFY=false accepts it. The connection is
         # still encrypted. Set explicitly, never by default.
         options["ssl_cert_reqs"] = None
+    elif url.startswith("rediss://") and tls_ca_file:
+        # A private CA (or the server's own certificate): verified against it
+        # instead of the system's CAs, host name included.
+        options["ssl_ca_certs"] = str(tls_ca_file)
     pool = redis.BlockingConnectionPool.from_url(
         url,
         socket_timeout=socket_timeout,
@@ -43,4 +60,62 @@ def connect(
         timeout=POOL_WAIT_SECONDS,
         **options,
     )
-    return redis.Redis(connection_pool=pool)
+    return redis.Redis.from_pool(pool)
+
+
+def connect_with(settings, socket_timeout: float | None = None) -> redis.Redis:
+    """The process's Redis, as the settings say: every process type uses this."""
+    return connect(
+        settings.redis_url,
+        socket_timeout=socket_timeout,
+        tls_verify=settings.redis_tls_verify,
+        tls_ca_file=settings.redis_tls_ca_file,
+    )
+
+
+class EvictionPolicyRefused(Exception):
+    """Redis may evict keys, and the operator has not said that is acceptable."""
+
+
+def policy_problem(policy: str) -> str | None:
+    """Why ``policy`` can lose queued events, or None when it cannot."""
+    if policy == REQUIRED_POLICY:
+        return None
+    return (
+        f"Redis maxmemory-policy is {policy!r}: when its memory is full, Redis "
+        "would silently drop stored events. Set it to noeviction (Heroku: "
+        "heroku redis:maxmemory --policy noeviction; your own server: "
+        "maxmemory-policy noeviction in redis.conf), or set "
+        "RELAY_ALLOW_EVICTION=true to run anyway"
+    )
+
+
+def check_eviction_policy(connection: redis.Redis, allow_eviction: bool) -> str:
+    """Read Redis's maxmemory-policy; raise EvictionPolicyRefused unless safe.
+
+    INFO is read rather than CONFIG GET, which managed services (Heroku Redis,
+    ElastiCache) disable. Raises redis.RedisError when Redis does not answer.
+    """
+    policy = str(connection.info("memory").get("maxmemory_policy", "unknown"))
+    problem = policy_problem(policy)
+    if problem and not allow_eviction:
+        raise EvictionPolicyRefused(problem)
+    if problem:
+        log.warning(
+            "Redis may evict stored events: running anyway (RELAY_ALLOW_EVICTION)",
+            extra={"fields": {"maxmemory_policy": policy}},
+        )
+    return policy
+
+
+def explain(error: redis.RedisError) -> str:
+    """A Redis error in words an operator can act on; never names a password."""
+    text = str(error)
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return (
+            f"Redis's TLS certificate is not trusted ({text.rstrip('.')}). For a "
+            "self-signed certificate such as Heroku Redis's, set "
+            "REDIS_TLS_VERIFY=false; or set REDIS_TLS_CA_FILE to the CA that "
+            "signed it"
+        )
+    return f"{type(error).__name__}: {text}"

@@ -99,6 +99,8 @@ class Settings:
     copernica_max_concurrency: int = DEFAULT_COPERNICA_MAX_CONCURRENCY
     schema_ttl_seconds: int = DEFAULT_SCHEMA_TTL_SECONDS
     redis_tls_verify: bool = True
+    redis_tls_ca_file: Path | None = None
+    allow_eviction: bool = False
     log_level: str = "INFO"
     connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS
     read_timeout_seconds: float = DEFAULT_READ_TIMEOUT_SECONDS
@@ -134,6 +136,10 @@ class Settings:
             "copernica_max_rps": self.copernica_max_rps,
             "copernica_max_concurrency": self.copernica_max_concurrency,
             "redis_tls_verify": self.redis_tls_verify,
+            "redis_tls_ca_file": (
+                str(self.redis_tls_ca_file) if self.redis_tls_ca_file else None
+            ),
+            "allow_eviction": self.allow_eviction,
             "dry_run": self.dry_run,
             "retry_schedule_seconds": list(self.retry_schedule_seconds),
             "job_timeout_seconds": self.job_timeout_seconds,
@@ -199,9 +205,18 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             f"{_mask_url(redis_url)!r}"
         )
 
-    tls_verify = env.get("REDIS_TLS_VERIFY", "").strip().lower() or "true"
-    if tls_verify not in ("true", "false"):
-        problems.append(f"REDIS_TLS_VERIFY must be true or false, got {tls_verify!r}")
+    tls_verify = _flag(env, "REDIS_TLS_VERIFY", True, problems)
+    ca_file = env.get("REDIS_TLS_CA_FILE", "").strip()
+    if ca_file and not Path(ca_file).is_file():
+        problems.append(f"REDIS_TLS_CA_FILE: no such file: {ca_file}")
+    if ca_file and not tls_verify:
+        # A CA bundle with verification off would be silently ignored.
+        problems.append(
+            "REDIS_TLS_CA_FILE is set but REDIS_TLS_VERIFY=false: choose one"
+        )
+    if ca_file and redis_url and not redis_url.startswith("rediss://"):
+        problems.append("REDIS_TLS_CA_FILE is set but REDIS_URL is not rediss://")
+    allow_eviction = _flag(env, "RELAY_ALLOW_EVICTION", False, problems)
 
     log_level = env.get("LOG_LEVEL", "").strip().upper() or "INFO"
     if log_level not in LOG_LEVELS:
@@ -237,7 +252,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
     settings = Settings(
         redis_url=redis_url,
-        redis_tls_verify=tls_verify != "false",
+        redis_tls_verify=tls_verify,
+        redis_tls_ca_file=Path(ca_file) if ca_file else None,
+        allow_eviction=allow_eviction,
         log_level=log_level,
         queue_name=env.get("RELAY_QUEUE", "").strip() or DEFAULT_QUEUE_NAME,
         secrets=secrets,
@@ -273,6 +290,18 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 SUPPORTED_API_VERSIONS = (1, 4)
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _flag(
+    env: Mapping[str, str], name: str, default: bool, problems: list[str]
+) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw not in ("true", "false"):
+        problems.append(f"{name} must be true or false, got {raw!r}")
+        return default
+    return raw == "true"
 
 
 def _split_secrets(raw: str) -> tuple[bytes, ...]:

@@ -39,7 +39,15 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server process with its data in ``directory``."""
 
-    def __init__(self, directory: Path, port: int | None = None, unix_socket=True):
+    def __init__(
+        self,
+        directory: Path,
+        port: int | None = None,
+        unix_socket=True,
+        maxmemory_policy: str = "noeviction",
+    ):
+        # Another policy only for tests of the relay's refusal to run on it.
+        self.maxmemory_policy = maxmemory_policy
         self.directory = Path(directory)
         self.port = free_port() if port is None else port
         self.socket_path = self.directory / "redis.sock" if unix_socket else None
@@ -66,7 +74,7 @@ class RedisServer:
             "--appendfsync",
             "everysec",
             "--maxmemory-policy",
-            "noeviction",
+            self.maxmemory_policy,
             "--save",
             "",
             "--daemonize",

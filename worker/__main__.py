@@ -21,7 +21,12 @@ import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from app.connections import connect
+from app.connections import (
+    EvictionPolicyRefused,
+    check_eviction_policy,
+    connect_with,
+    explain,
+)
 from app.logs import configure_logging
 from app.settings import ConfigurationError
 from worker.jobs import context
@@ -47,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     settings = ctx.settings
-    connection = connect(settings.redis_url, tls_verify=settings.redis_tls_verify)
+    connection = connect_with(settings)
     queue = Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
     log.info(
         "worker starting",
@@ -60,16 +65,26 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     backoff = 1
+    policy = None
     while True:
         worker = None
         started = time.monotonic()
         try:
+            # No job is taken before Redis has shown it will not evict them;
+            # a Redis away at start is waited for like one lost later.
+            policy = policy or check_eviction_policy(
+                connection, settings.allow_eviction
+            )
             worker = _worker(queue, connection, settings.recovery_interval_seconds)
             worker.work(burst=args.burst, with_scheduler=True, logging_level=None)
+        except EvictionPolicyRefused as refused:
+            sys.stderr.write(f"worker not started: {refused}\n")
+            return 2
         except redis.RedisError as error:
             # Raised while starting or tearing down, when Redis is away.
             log.warning(
-                "worker lost Redis", extra={"fields": {"error": type(error).__name__}}
+                "worker lost Redis" if policy else "Redis not reachable at start",
+                extra={"fields": {"error": explain(error)}},
             )
         if args.burst or (worker and worker._shutdown_requested_date is not None):
             return 0
