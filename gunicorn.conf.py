@@ -35,7 +35,7 @@ bind = f"{os.environ.get('HOST', '0.0.0.0')}:{_whole_number('PORT', 8000)}"
 workers = _whole_number("WEB_CONCURRENCY", 2)
 worker_class = "gevent"
 # Connections served at once per process; each needs a file descriptor.
-worker_connections = 1000
+worker_connections = _whole_number("WEB_CONNECTIONS", 1000)
 
 if _problems:
     # One message with every problem, the relay's own settings included, as
