@@ -50,10 +50,11 @@ def create_app(settings: Settings | None = None, announce: bool = True) -> Flask
         ),
     }
 
-    from app import cli, health, webhooks
+    from app import admin, cli, health, webhooks
 
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(admin.bp)
     cli.init_app(app)
     app.register_error_handler(Exception, _unexpected_error)
 
