@@ -75,7 +75,7 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",
 }
 
 
@@ -250,7 +250,7 @@ def chart(series: Mapping[str, Sequence[int]], now: float) -> Chart:
             y=CHART_HEIGHT - 8,
             text=_clock(first_minute + index),
         )
-        for index in range(0, minutes, 15)
+        for index in (*range(0, minutes - 5, 15), minutes - 1)
     ]
     return Chart(
         width=CHART_WIDTH,
@@ -268,10 +268,13 @@ def chart(series: Mapping[str, Sequence[int]], now: float) -> Chart:
 
 
 def _rounded_up(value: int) -> int:
-    """The scale's top: 1, 2 or 5 times a power of ten, at least ``value``."""
+    """The scale's top: 2, 4 or 10 times a power of ten, at least ``value``.
+
+    Its half, the middle grid line, is then a whole count too.
+    """
     magnitude = 1
     while True:
-        for step in (1, 2, 5):
+        for step in (2, 4, 10):
             if step * magnitude >= value:
                 return step * magnitude
         magnitude *= 10
@@ -295,7 +298,11 @@ def guard():
     basic = credentials is not None and credentials.type == "basic"
     given = credentials.password if basic else None
     if not password_matches(given, password):
-        _refused("credentials missing" if given is None else "wrong password")
+        # A browser asks without credentials first, every time: not a warning.
+        if given is None:
+            _refused("credentials missing", logging.INFO)
+        else:
+            _refused("wrong password")
         return Response(
             "This page needs the admin password.\n",
             401,
@@ -408,8 +415,9 @@ def _act(done: str, action: Callable) -> Response:
     return redirect(url_for(".page", done=done, count=len(chosen)), 303)
 
 
-def _refused(reason: str) -> None:
-    log.warning(
+def _refused(reason: str, level: int = logging.WARNING) -> None:
+    log.log(
+        level,
         "admin page refused",
         extra={
             "fields": {

@@ -280,20 +280,26 @@ def test_chart_scales_to_a_round_top_and_skips_empty_minutes():
     delivered[-1] = 20
     drawn = chart({"received": received, "delivered": delivered}, NOW)
 
-    assert [label.text for label in drawn.y_labels] == ["0", "25", "50"]
+    assert [label.text for label in drawn.y_labels] == ["0", "20", "40"]
     assert [bar.kind for bar in drawn.bars] == ["received", "delivered"]
     tall, short = drawn.bars
-    assert tall.height == pytest.approx((drawn.bottom - drawn.top) * 37 / 50, 0.01)
+    assert tall.height == pytest.approx((drawn.bottom - drawn.top) * 37 / 40, 0.01)
     assert tall.y + tall.height == pytest.approx(drawn.bottom)
     assert short.x > tall.x
-    assert drawn.x_labels[0].text == "15:01"
+    assert [label.text for label in drawn.x_labels] == [
+        "15:01",
+        "15:16",
+        "15:31",
+        "15:46",
+        "16:00",
+    ]
     assert drawn.totals == {"received": 37, "delivered": 20}
 
 
 def test_chart_of_nothing():
     drawn = chart({"received": [0] * 60, "delivered": [0] * 60}, NOW)
     assert drawn.bars == []
-    assert [label.text for label in drawn.y_labels] == ["0", "0.5", "1"]
+    assert [label.text for label in drawn.y_labels] == ["0", "1", "2"]
 
 
 # The buttons: forgery refused, real clicks work.
