@@ -189,6 +189,8 @@ class Label:
     x: float
     y: float
     text: str
+    #: "end" for the right-most time, so it stays inside the chart.
+    anchor: str = "middle"
 
 
 @dataclass(frozen=True)
@@ -250,8 +252,16 @@ def chart(series: Mapping[str, Sequence[int]], now: float) -> Chart:
             y=CHART_HEIGHT - 8,
             text=_clock(first_minute + index),
         )
-        for index in (*range(0, minutes - 5, 15), minutes - 1)
+        for index in range(0, minutes - 5, 15)
     ]
+    x_labels.append(
+        Label(
+            x=right,
+            y=CHART_HEIGHT - 8,
+            text=_clock(first_minute + minutes - 1),
+            anchor="end",
+        )
+    )
     return Chart(
         width=CHART_WIDTH,
         height=CHART_HEIGHT,
