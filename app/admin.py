@@ -38,6 +38,7 @@ from flask import (
     url_for,
 )
 from rq import Queue
+from rq.exceptions import InvalidJobOperation
 from rq.registry import (
     FailedJobRegistry,
     ScheduledJobRegistry,
@@ -377,6 +378,11 @@ def page():
     return Response(body, 200 if overview else 503, mimetype="text/html")
 
 
+@bp.get("/")
+def page_with_slash():
+    return redirect(url_for(".page"), 308)
+
+
 @bp.post("/failed/requeue")
 def requeue():
     return _act("requeued", failed_store.requeue)
@@ -396,20 +402,7 @@ def _act(done: str, action: Callable) -> Response:
             chosen = failed_store.failed_deliveries(queue)
         else:
             chosen = failed_store.find(queue, request.form.getlist("job"))
-        for item in chosen:
-            action(queue, item)
-            log.info(
-                f"failed delivery {done} from the admin page",
-                extra={
-                    "fields": {
-                        "delivery": item.delivery_id,
-                        "job": item.job_id,
-                        "source": item.source,
-                        "topic": item.topic,
-                        "outcome": done,
-                    }
-                },
-            )
+        count = apply(queue, chosen, action, done)
     except redis.RedisError as error:
         log.warning(
             "admin page: redis unavailable",
@@ -422,7 +415,38 @@ def _act(done: str, action: Callable) -> Response:
             mimetype="text/plain",
         )
     # Post, redirect, get: reloading the page afterwards repeats nothing.
-    return redirect(url_for(".page", done=done, count=len(chosen)), 303)
+    return redirect(url_for(".page", done=done, count=count), 303)
+
+
+def apply(
+    queue: Queue,
+    chosen: Sequence[failed_store.FailedDelivery],
+    action: Callable,
+    done: str,
+) -> int:
+    """Requeue or purge each chosen delivery; how many were."""
+    count = 0
+    for item in chosen:
+        try:
+            action(queue, item)
+        except InvalidJobOperation:
+            # Another click, or the CLI, took it off the failed list since it
+            # was chosen; it is not done twice.
+            continue
+        count += 1
+        log.info(
+            f"failed delivery {done} from the admin page",
+            extra={
+                "fields": {
+                    "delivery": item.delivery_id,
+                    "job": item.job_id,
+                    "source": item.source,
+                    "topic": item.topic,
+                    "outcome": done,
+                }
+            },
+        )
+    return count
 
 
 def _refused(reason: str, level: int = logging.WARNING) -> None:

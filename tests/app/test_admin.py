@@ -19,9 +19,11 @@ from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
 from app import create_app
+from app import failed as failed_store
 from app.admin import (
     FORM_TOKEN_LIFETIME_SECONDS,
     MINUTE_KEY,
+    apply,
     chart,
     cross_site,
     form_token,
@@ -160,6 +162,9 @@ def test_page_headers(client):
     assert answer.status_code == 200
     assert answer.headers["X-Frame-Options"] == "DENY"
     assert answer.headers["Cache-Control"] == "no-store"
+    # Not no-referrer: with it Chromium sends "Origin: null" with the page's
+    # own form posts, which the origin check must refuse.
+    assert answer.headers["Referrer-Policy"] == "same-origin"
     policy = answer.headers["Content-Security-Policy"]
     assert "default-src 'none'" in policy
     assert "frame-ancestors 'none'" in policy
@@ -480,3 +485,20 @@ def test_password_setting_is_checked_and_never_repeated():
     assert PASSWORD not in str(settings.describe())
     assert settings.describe()["admin_page"] == "enabled"
     assert load_settings({}).describe()["admin_page"] == "disabled"
+
+
+def test_a_delivery_requeued_meanwhile_is_not_requeued_again(queue):
+    job = failed_delivery(queue, "r")
+    # Two clicks choose the same delivery; the first one requeues it.
+    chosen = failed_store.find(queue, [job.id])
+    assert apply(queue, failed_store.find(queue, [job.id]), failed_store.requeue, "x")
+
+    assert apply(queue, chosen, failed_store.requeue, "requeued") == 0
+    assert queue.job_ids == [job.id]
+
+
+def test_trailing_slash_leads_to_the_page(client):
+    assert client.get("/admin/").status_code == 401
+    answer = client.get("/admin/", headers=AUTH)
+    assert answer.status_code == 308
+    assert answer.headers["Location"] == "/admin"
