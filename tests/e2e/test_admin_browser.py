@@ -16,10 +16,12 @@ import os
 import re
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import redis
 import requests
+from rq.registry import FailedJobRegistry
 
 from tests.harness import (
     COPERNICA_TOKEN,
@@ -150,6 +152,24 @@ def test_operator_requeues_a_failed_delivery_in_the_browser(
     assert PASSWORD not in browser.find_element(By.ID, "config").text
     before = _screenshot(browser, tmp_path / "admin-failed.png")
 
+    # Another site's page posts to the purge button, even with a token that
+    # leaked: the browser says where the post comes from, and it is refused.
+    token = browser.find_element(By.NAME, "token").get_attribute("value")
+    browser.get("data:text/html," + quote(_forged_purge(relay.url, token)))
+    wait.until(
+        lambda driver: re.search(
+            "Refused|needs the admin password",
+            driver.find_element(By.TAG_NAME, "body").text,
+        )
+    )
+    assert job_id in FailedJobRegistry(QUEUE, connection=connection)
+    browser.get(f"{relay.url}/admin")
+    row = wait.until(
+        shown.presence_of_element_located(
+            (By.CSS_SELECTOR, f'#failed tr[data-job="{job_id}"]')
+        )
+    )
+
     row.find_element(By.CSS_SELECTOR, "button.requeue").click()
 
     notice = wait.until(shown.presence_of_element_located((By.ID, "notice")))
@@ -159,12 +179,26 @@ def test_operator_requeues_a_failed_delivery_in_the_browser(
     # The fault was used up, so the requeued delivery now reaches Copernica.
     wait_for_writes(standin, 2)
     assert wait_for_job(connection, job_id).get_status() == "finished"
-    _reload_until(browser, lambda: _figure(browser, "failed-count") == "0")
+    _reload_until(
+        browser,
+        lambda: (
+            _figure(browser, "failed-count") == _figure(browser, "in-progress") == "0"
+        ),
+    )
     assert browser.find_element(By.ID, "no-failed").is_displayed()
     after = _screenshot(browser, tmp_path / "admin-requeued.png")
     connection.close()
 
     print(f"\nadmin page screenshots: {before} and {after}")
+
+
+def _forged_purge(relay_url: str, token: str) -> str:
+    return (
+        f'<form method="post" action="{relay_url}/admin/failed/purge">'
+        f'<input name="token" value="{token}"><input name="all" value="yes">'
+        '<input name="confirm" value="yes"></form>'
+        "<script>document.forms[0].submit()</script>"
+    )
 
 
 def _figure(browser, element_id: str) -> str:
@@ -175,6 +209,7 @@ def _figure(browser, element_id: str) -> str:
 
 def _reload_until(browser, condition, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
+    browser.refresh()
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"page did not change:\n{browser.page_source}")
