@@ -63,6 +63,12 @@ SERIES_MINUTES = 60
 #: all of them still act on every one.
 FAILED_SHOWN = 100
 
+#: A click acts for at most this long, well within gunicorn's 25 s timeout;
+#: a larger failed list takes another click (the page says so), or the CLI.
+ACTION_TIME_BUDGET_SECONDS = 10.0
+#: Deliveries read per round when a button acts on all of them.
+ACTION_BATCH = 500
+
 #: How long a drawn page's buttons keep working: a working day, so a page
 #: left open still acts, while a token that leaked somehow soon stops.
 FORM_TOKEN_LIFETIME_SECONDS = 8 * 3600
@@ -373,7 +379,6 @@ def page():
         notice=_notice(request.args),
         nonce=g.admin_style_nonce,
         drawn_at=datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d %H:%M:%S"),
-        failed_shown=FAILED_SHOWN,
     )
     return Response(body, 200 if overview else 503, mimetype="text/html")
 
@@ -397,12 +402,21 @@ def purge():
 
 def _act(done: str, action: Callable) -> Response:
     queue: Queue = current_app.extensions["relay"]["queue"]
+    deadline = time.monotonic() + ACTION_TIME_BUDGET_SECONDS
+    left = 0
     try:
         if request.form.get("all") == "yes":
-            chosen = failed_store.failed_deliveries(queue)
+            count = 0
+            # Batch by batch: a long failed list is never read whole at once.
+            while time.monotonic() < deadline:
+                batch = failed_store.newest(queue, ACTION_BATCH)
+                if not batch:
+                    break
+                count += apply(queue, batch, action, done, deadline)
+            left = FailedJobRegistry(queue=queue).count
         else:
             chosen = failed_store.find(queue, request.form.getlist("job"))
-        count = apply(queue, chosen, action, done)
+            count = apply(queue, chosen, action, done, deadline)
     except redis.RedisError as error:
         log.warning(
             "admin page: redis unavailable",
@@ -415,7 +429,7 @@ def _act(done: str, action: Callable) -> Response:
             mimetype="text/plain",
         )
     # Post, redirect, get: reloading the page afterwards repeats nothing.
-    return redirect(url_for(".page", done=done, count=count), 303)
+    return redirect(url_for(".page", done=done, count=count, left=left), 303)
 
 
 def apply(
@@ -423,10 +437,13 @@ def apply(
     chosen: Sequence[failed_store.FailedDelivery],
     action: Callable,
     done: str,
+    deadline: float,
 ) -> int:
-    """Requeue or purge each chosen delivery; how many were."""
+    """Requeue or purge the chosen deliveries until ``deadline``; how many were."""
     count = 0
     for item in chosen:
+        if time.monotonic() >= deadline:
+            break
         try:
             action(queue, item)
         except InvalidJobOperation:
@@ -497,8 +514,11 @@ def _notice(args: Mapping[str, str]) -> str | None:
         return "Nothing purged: tick the box to purge every failed delivery."
     if done not in ("requeued", "purged"):
         return None
-    count = args.get("count", "")
-    if not (count.isascii() and count.isdigit()):
+    count, left = args.get("count", ""), args.get("left", "0")
+    if not all(number.isascii() and number.isdigit() for number in (count, left)):
         return None
     noun = "failed delivery" if count == "1" else "failed deliveries"
-    return f"{count} {noun} {done}."
+    notice = f"{count} {noun} {done}."
+    if int(left):
+        notice += f" {left} still failed: use the button again."
+    return notice

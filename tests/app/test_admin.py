@@ -491,10 +491,28 @@ def test_a_delivery_requeued_meanwhile_is_not_requeued_again(queue):
     job = failed_delivery(queue, "r")
     # Two clicks choose the same delivery; the first one requeues it.
     chosen = failed_store.find(queue, [job.id])
-    assert apply(queue, failed_store.find(queue, [job.id]), failed_store.requeue, "x")
+    later = time.monotonic() + 30
+    assert apply(
+        queue, failed_store.find(queue, [job.id]), failed_store.requeue, "x", later
+    )
 
-    assert apply(queue, chosen, failed_store.requeue, "requeued") == 0
+    assert apply(queue, chosen, failed_store.requeue, "requeued", later) == 0
     assert queue.job_ids == [job.id]
+
+
+def test_a_click_stops_at_its_time_budget(queue):
+    jobs = [failed_delivery(queue, "r") for _ in range(3)]
+    chosen = failed_store.find(queue, [job.id for job in jobs])
+
+    assert apply(queue, chosen, failed_store.purge, "purged", time.monotonic()) == 0
+    assert FailedJobRegistry(queue=queue).count == 3
+
+
+def test_notice_says_when_some_are_left(client):
+    html = client.get("/admin?done=requeued&count=500&left=12", headers=AUTH).get_data(
+        as_text=True
+    )
+    assert "500 failed deliveries requeued. 12 still failed: use the button" in html
 
 
 def test_trailing_slash_leads_to_the_page(client):
