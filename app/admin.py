@@ -15,6 +15,7 @@ another site are refused as well.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -119,9 +120,16 @@ def form_token_valid(password: str, token: str | None, now: float) -> bool:
 
 
 def _form_mac(password: str, issued: int) -> str:
-    # A key of its own, so a token reveals nothing usable about the password.
-    key = hashlib.sha256(b"copernica-relay admin form\0" + password.encode()).digest()
-    return hmac.new(key, str(issued).encode(), hashlib.sha256).hexdigest()
+    return hmac.new(_form_key(password), str(issued).encode(), "sha256").hexdigest()
+
+
+@functools.lru_cache(maxsize=4)
+def _form_key(password: str) -> bytes:
+    # Slow on purpose, and once per process: whoever sees a token cannot try
+    # password guesses against it offline at speed.
+    return hashlib.pbkdf2_hmac(
+        "sha256", password.encode(), b"copernica-relay admin form", 100_000
+    )
 
 
 def cross_site(headers: Mapping[str, str], host: str) -> str | None:
