@@ -61,10 +61,11 @@ def create_app(
         ),
     }
 
-    from app import cli, health, webhooks
+    from app import admin, cli, health, webhooks
 
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(admin.bp)
     cli.init_app(app)
     app.register_error_handler(Exception, _unexpected_error)
 
