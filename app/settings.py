@@ -106,6 +106,7 @@ class Settings:
     job_timeout_seconds: int = DEFAULT_JOB_TIMEOUT_SECONDS
     order_ttl_seconds: int = DEFAULT_ORDER_TTL_SECONDS
     recovery_interval_seconds: int = DEFAULT_RECOVERY_INTERVAL_SECONDS
+    metrics_token: str | None = field(default=None, repr=False)
 
     @property
     def dry_run(self) -> bool:
@@ -139,6 +140,7 @@ class Settings:
             "job_timeout_seconds": self.job_timeout_seconds,
             "order_ttl_seconds": self.order_ttl_seconds,
             "recovery_interval_seconds": self.recovery_interval_seconds,
+            "metrics_token": "set" if self.metrics_token else "unset",
         }
 
 
@@ -231,6 +233,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if 0 < max_rps < MIN_RPS:
         problems.append(f"COPERNICA_MAX_RPS must be 0 (off) or at least {MIN_RPS}")
 
+    metrics_token = env.get("RELAY_METRICS_TOKEN", "").strip() or None
+    if metrics_token and not _token_shape_ok(metrics_token):
+        # The value itself stays out of the message: it is a secret.
+        problems.append(
+            f"RELAY_METRICS_TOKEN must be at least {MIN_METRICS_TOKEN_LENGTH} "
+            "printable ASCII characters without spaces"
+        )
+
     database = env.get("COPERNICA_DATABASE", "").strip()
     if database in (".", ".."):
         problems.append("COPERNICA_DATABASE cannot be '.' or '..'")
@@ -264,6 +274,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         recovery_interval_seconds=number(
             "RELAY_RECOVERY_INTERVAL", DEFAULT_RECOVERY_INTERVAL_SECONDS
         ),
+        metrics_token=metrics_token,
     )
     if problems:
         raise ConfigurationError(problems)
@@ -273,6 +284,17 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 SUPPORTED_API_VERSIONS = (1, 4)
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+#: A metrics token shorter than this is too easy to guess.
+MIN_METRICS_TOKEN_LENGTH = 16
+
+
+def _token_shape_ok(token: str) -> bool:
+    # It travels in an Authorization header: printable ASCII, no spaces.
+    return len(token) >= MIN_METRICS_TOKEN_LENGTH and all(
+        "!" <= char <= "~" for char in token
+    )
 
 
 def _split_secrets(raw: str) -> tuple[bytes, ...]:
