@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 import redis
@@ -137,6 +138,7 @@ def bounded(value: str | None, allowed: Iterable[str]) -> str:
     return value if value in allowed else OTHER
 
 
+@lru_cache(maxsize=4096)
 def field_name(name: str, values: tuple[str, ...], part: str = "") -> str:
     """The hash field of one series (and of one bucket, sum or count of it)."""
     return json.dumps([name, list(values), part], separators=(",", ":"))
