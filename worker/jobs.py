@@ -429,7 +429,7 @@ def deliver(record: dict[str, Any]) -> dict[str, Any] | Retry:
         else:
             result = _deliver(run, delivery)
         finished = True
-        ending = _ending(run, result)
+        ending = ending_of(result, run.skips)
         return result
     except ComeBack as back:
         ending = (back.outcome, back.reason)
@@ -474,8 +474,11 @@ def deliver(record: dict[str, Any]) -> dict[str, Any] | Retry:
                 )
 
 
-def _ending(run: Run, result: dict[str, Any]) -> tuple[str, str]:
-    """A finished run's outcome and reason, each one word from a fixed list."""
+def ending_of(result: dict[str, Any], skips: list[str]) -> tuple[str, str]:
+    """A finished run's outcome and reason, each one word from a fixed list.
+
+    ``skips`` are the reasons rules were skipped in this run, in order.
+    """
     overall = result.get("outcome")
     outcomes = {call.get("outcome") for call in result.get("calls", ())}
     if overall == "unmapped":
@@ -484,7 +487,7 @@ def _ending(run: Run, result: dict[str, Any]) -> tuple[str, str]:
         return "applied", ""
     if "dry_run" in outcomes or overall == "dry_run":
         return "dry_run", ""
-    return "skipped", run.skips[0] if run.skips else "other"
+    return "skipped", skips[0] if skips else "other"
 
 
 def _report(run: Run, ending: tuple[str, str], started: float) -> None:
@@ -497,6 +500,9 @@ def _report(run: Run, ending: tuple[str, str], started: float) -> None:
     RECORDER.delivery(facts["source"], facts["topic"], outcome, reason, lag)
     run.log(
         "delivery attempt ended",
+        # Throttled runs come back every second or two while Copernica is
+        # slow; at INFO they would drown everything else.
+        level=logging.DEBUG if reason == "throttled" else logging.INFO,
         outcome=outcome,
         reason=reason or None,
         duration_ms=round((time.monotonic() - started) * 1000),
