@@ -122,6 +122,7 @@ GAUGES = {
     "relay_retries_scheduled": "Deliveries waiting for a scheduled retry.",
     "relay_deliveries_in_progress": "Deliveries a worker is running now.",
     "relay_deliveries_failed": "Failed deliveries kept for replay.",
+    "relay_workers": "Worker processes alive on the queue.",
 }
 
 HTTP_METHODS = ("GET", "PUT", "POST", "DELETE")
@@ -359,6 +360,7 @@ def known_topics(rules) -> dict[str, frozenset[str]]:
 def queue_gauges(connection: redis.Redis, queue_name: str, now: float) -> dict:
     """The queue's figures, read in two round trips without changing anything."""
     from rq import Queue
+    from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
     queue = Queue(queue_name, connection=connection)
     with connection.pipeline(transaction=False) as pipe:
@@ -370,25 +372,33 @@ def queue_gauges(connection: redis.Redis, queue_name: str, now: float) -> dict:
         pipe.zcount(FailedJobRegistry(queue=queue).key, now, "+inf")
         # RQ appends to the right and takes from the left.
         pipe.lrange(queue.key, 0, 4)
-        depth, scheduled, started, failed, first_ids = pipe.execute()
+        pipe.smembers(WORKERS_BY_QUEUE_KEY % queue_name)
+        depth, scheduled, started, failed, first_ids, workers = pipe.execute()
+
+    # A worker's own key expires when it stops renewing it, while its entry
+    # in the set stays until RQ cleans up: only the keys count.
+    workers = sorted(workers)
+    with connection.pipeline(transaction=False) as pipe:
+        for job_id in first_ids:
+            pipe.hget(f"rq:job:{job_id.decode()}", "enqueued_at")
+        for worker_key in workers:
+            pipe.exists(worker_key)
+        answers = pipe.execute() if first_ids or workers else []
+    stamps, alive = answers[: len(first_ids)], answers[len(first_ids) :]
 
     age = 0.0
-    if first_ids:
-        with connection.pipeline(transaction=False) as pipe:
-            for job_id in first_ids:
-                pipe.hget(f"rq:job:{job_id.decode()}", "enqueued_at")
-            stamps = pipe.execute()
-        for stamp in stamps:
-            moment = _rq_time(stamp)
-            if moment is not None:
-                age = max(0.0, now - moment)
-                break
+    for stamp in stamps:
+        moment = _rq_time(stamp)
+        if moment is not None:
+            age = max(0.0, now - moment)
+            break
     return {
         "relay_queue_depth": depth,
         "relay_queue_oldest_age_seconds": age,
         "relay_retries_scheduled": scheduled,
         "relay_deliveries_in_progress": started,
         "relay_deliveries_failed": failed,
+        "relay_workers": sum(1 for exists in alive if exists),
     }
 
 

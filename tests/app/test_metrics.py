@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
-from rq import Queue
+from rq import Queue, Worker
 from rq.job import Job
 from rq.registry import FailedJobRegistry
 
@@ -240,6 +240,7 @@ def test_queue_gauges_read_depth_age_retries_and_failed(redis_client):
         "relay_retries_scheduled": 0,
         "relay_deliveries_in_progress": 0,
         "relay_deliveries_failed": 0,
+        "relay_workers": 0,
     }
 
     queue.enqueue("worker.jobs.deliver", {})
@@ -260,6 +261,19 @@ def test_queue_gauges_read_depth_age_retries_and_failed(redis_client):
         == 0
     )
     queue.empty()
+
+
+def test_only_workers_whose_key_lives_are_counted(redis_client):
+    queue = Queue("metrics-workers", connection=redis_client)
+    worker = Worker([queue], connection=redis_client)
+    worker.register_birth()
+    try:
+        assert queue_gauges(redis_client, queue.name, time.time())["relay_workers"] == 1
+        # A worker killed outright leaves its entry behind; its key expires.
+        redis_client.delete(worker.key)
+        assert queue_gauges(redis_client, queue.name, time.time())["relay_workers"] == 0
+    finally:
+        worker.register_death()
 
 
 def test_bearer_token_is_required_exactly():

@@ -214,6 +214,7 @@ def test_a_run_shows_in_the_metrics(relay, standin, own_redis):
     assert value(found, "relay_queue_oldest_age_seconds") == 0
     assert value(found, "relay_retries_scheduled") == 0
     assert value(found, "relay_deliveries_failed") == 1
+    assert value(found, "relay_workers") == 1
 
     # Every scrape agrees, whichever gunicorn process answers it.
     for _ in range(4):
@@ -249,6 +250,7 @@ def test_waiting_deliveries_show_as_queue_depth_and_age(relay):
         found = scrape(relay)
         assert value(found, "relay_queue_depth") == 2
         assert value(found, "relay_queue_oldest_age_seconds") >= 1
+        assert value(found, "relay_workers") == 0
     finally:
         relay.workers.remove(worker)
         relay.start_worker()
