@@ -282,6 +282,12 @@ class Recorder:
         return batch
 
     def give_back(self, batch: Batch) -> None:
+        # While Redis is away, minutes the series no longer keep are dropped,
+        # so a long outage does not grow the batch minute by minute.
+        oldest = int(time.time() // 60) - MINUTE_TTL_SECONDS // 60
+        batch.minutes = {
+            key: amount for key, amount in batch.minutes.items() if key[1] >= oldest
+        }
         with self._lock:
             batch.add(self._batch)
             self._batch = batch

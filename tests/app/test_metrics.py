@@ -228,6 +228,18 @@ def test_counts_survive_a_failed_flush(redis_client):
     away.close()
 
 
+def test_a_long_outage_drops_minutes_the_series_no_longer_keeps():
+    made = recorder()
+    away = redis.Redis(port=free_port(), socket_connect_timeout=0.5)
+    made.bind(away)
+    now = time.time()
+    made.tick("received", now - 3 * MINUTE_TTL_SECONDS)
+    made.tick("received", now)
+    assert not made.flush()
+    assert list(made.take().minutes) == [("received", int(now // 60))]
+    away.close()
+
+
 def test_queue_gauges_read_depth_age_retries_and_failed(redis_client):
     queue = Queue("metrics-gauges", connection=redis_client)
     queue.empty()
