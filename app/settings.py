@@ -113,6 +113,7 @@ class Settings:
     order_ttl_seconds: int = DEFAULT_ORDER_TTL_SECONDS
     recovery_interval_seconds: int = DEFAULT_RECOVERY_INTERVAL_SECONDS
     admin_password: str | None = field(default=None, repr=False)
+    metrics_token: str | None = field(default=None, repr=False)
 
     @property
     def dry_run(self) -> bool:
@@ -151,6 +152,7 @@ class Settings:
             "order_ttl_seconds": self.order_ttl_seconds,
             "recovery_interval_seconds": self.recovery_interval_seconds,
             "admin_page": "enabled" if self.admin_password else "disabled",
+            "metrics_token": "set" if self.metrics_token else "unset",
         }
 
 
@@ -261,6 +263,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         )
     if admin_password and not admin_password.isprintable():
         problems.append("RELAY_ADMIN_PASSWORD cannot contain control characters")
+    metrics_token = env.get("RELAY_METRICS_TOKEN", "").strip() or None
+    if metrics_token and not _token_shape_ok(metrics_token):
+        # The value itself stays out of the message: it is a secret.
+        problems.append(
+            f"RELAY_METRICS_TOKEN must be at least {MIN_METRICS_TOKEN_LENGTH} "
+            "printable ASCII characters without spaces"
+        )
 
     database = env.get("COPERNICA_DATABASE", "").strip()
     if database in (".", ".."):
@@ -298,6 +307,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             "RELAY_RECOVERY_INTERVAL", DEFAULT_RECOVERY_INTERVAL_SECONDS
         ),
         admin_password=admin_password,
+        metrics_token=metrics_token,
     )
     if problems:
         raise ConfigurationError(problems)
@@ -319,6 +329,17 @@ def _flag(
         problems.append(f"{name} must be true or false, got {raw!r}")
         return default
     return raw == "true"
+
+
+#: A metrics token shorter than this is too easy to guess.
+MIN_METRICS_TOKEN_LENGTH = 16
+
+
+def _token_shape_ok(token: str) -> bool:
+    # It travels in an Authorization header: printable ASCII, no spaces.
+    return len(token) >= MIN_METRICS_TOKEN_LENGTH and all(
+        "!" <= char <= "~" for char in token
+    )
 
 
 def _split_secrets(raw: str) -> tuple[bytes, ...]:
