@@ -25,6 +25,7 @@ from app.connections import (
     explain,
 )
 from app.logs import configure_logging
+from app.metrics import RECORDER, known_topics
 from app.settings import SOURCES, ConfigurationError, Settings, load_settings
 from worker.mapping import MappingError, load_rules
 
@@ -61,10 +62,16 @@ def create_app(
         ),
     }
 
-    from app import cli, health, webhooks
+    # Counts are kept in memory and added to Redis by a thread, so a webhook
+    # costs no Redis call for them (see app/metrics.py).
+    RECORDER.bind(connection, known_topics(rules))
+
+    from app import admin, cli, health, metrics_view, webhooks
 
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(metrics_view.bp)
+    app.register_blueprint(admin.bp)
     cli.init_app(app)
     app.register_error_handler(Exception, _unexpected_error)
 
@@ -106,6 +113,9 @@ def _unexpected_error(error: Exception):
     # stored, and a 503 makes the sender try again later.
     if isinstance(error, HTTPException):
         return error
+    source = request.view_args.get("source") if request.view_args else None
+    if request.blueprint == "webhooks" and source:
+        RECORDER.webhook(source, None, "rejected", "error", None)
     log.exception(
         "request failed unexpectedly",
         extra={"fields": {"path": request.path, "method": request.method}},

@@ -55,6 +55,27 @@ def failed_deliveries(queue: Queue) -> list[FailedDelivery]:
     return [_describe(job) for job in jobs if job is not None]
 
 
+def newest(queue: Queue, limit: int) -> list[FailedDelivery]:
+    """The ``limit`` deliveries that failed last, newest first.
+
+    Reads only those jobs, so a page can show a long failed list cheaply.
+    """
+    registry = FailedJobRegistry(queue=queue)
+    ids = registry.get_job_ids(0, limit - 1, desc=True)
+    jobs = Job.fetch_many(ids, connection=queue.connection, serializer=queue.serializer)
+    return [_describe(job) for job in jobs if job is not None]
+
+
+def find(queue: Queue, job_ids: Iterable[str]) -> list[FailedDelivery]:
+    """Those of ``job_ids`` that are still in the failed list."""
+    registry = FailedJobRegistry(queue=queue)
+    present = [job_id for job_id in dict.fromkeys(job_ids) if job_id in registry]
+    jobs = Job.fetch_many(
+        present, connection=queue.connection, serializer=queue.serializer
+    )
+    return [_describe(job) for job in jobs if job is not None]
+
+
 def _describe(job: Job) -> FailedDelivery:
     record = job.args[0] if job.args and isinstance(job.args[0], dict) else {}
     meta = job.meta or {}

@@ -57,6 +57,9 @@ class LineFormatter(logging.Formatter):
         event.update(getattr(record, "fields", {}))
         if record.exc_info:
             event["error"] = self.formatException(record.exc_info)
+        # Callers mask what they log; this catches an address or a phone
+        # number that slipped into a message, an error or an exception.
+        event = {name: _scrub(value) for name, value in event.items()}
 
         if self.as_json:
             line = json.dumps(event, ensure_ascii=False, default=str)
@@ -68,6 +71,17 @@ class LineFormatter(logging.Formatter):
             line = f"{head} {tail}".rstrip()
         # A lone surrogate from a sender's JSON cannot be written as UTF-8.
         return line.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        # Most values hold neither character; they skip the regexes.
+        return mask_text(value) if "@" in value or "+" in value else value
+    if isinstance(value, list | tuple):
+        return [_scrub(item) for item in value]
+    if isinstance(value, dict):
+        return {name: _scrub(item) for name, item in value.items()}
+    return value
 
 
 def _plain(value: Any, quote_spaces: bool = True) -> str:

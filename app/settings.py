@@ -67,6 +67,10 @@ DEFAULT_ORDER_TTL_SECONDS = 35 * 24 * 3600
 #: How often a worker looks for deliveries abandoned by a dead worker.
 DEFAULT_RECOVERY_INTERVAL_SECONDS = 10
 
+#: The shortest admin password taken: the page it opens can purge deliveries,
+#: and basic auth offers no lock-out of its own.
+MIN_ADMIN_PASSWORD_LENGTH = 12
+
 
 BUNDLED_MAPPINGS = Path(__file__).resolve().parent.parent / "worker" / "mappings.yaml"
 
@@ -108,6 +112,8 @@ class Settings:
     job_timeout_seconds: int = DEFAULT_JOB_TIMEOUT_SECONDS
     order_ttl_seconds: int = DEFAULT_ORDER_TTL_SECONDS
     recovery_interval_seconds: int = DEFAULT_RECOVERY_INTERVAL_SECONDS
+    admin_password: str | None = field(default=None, repr=False)
+    metrics_token: str | None = field(default=None, repr=False)
 
     @property
     def dry_run(self) -> bool:
@@ -145,6 +151,8 @@ class Settings:
             "job_timeout_seconds": self.job_timeout_seconds,
             "order_ttl_seconds": self.order_ttl_seconds,
             "recovery_interval_seconds": self.recovery_interval_seconds,
+            "admin_page": "enabled" if self.admin_password else "disabled",
+            "metrics_token": "set" if self.metrics_token else "unset",
         }
 
 
@@ -246,6 +254,23 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if 0 < max_rps < MIN_RPS:
         problems.append(f"COPERNICA_MAX_RPS must be 0 (off) or at least {MIN_RPS}")
 
+    admin_password = env.get("RELAY_ADMIN_PASSWORD", "").strip() or None
+    if admin_password and len(admin_password) < MIN_ADMIN_PASSWORD_LENGTH:
+        # The value itself is never repeated: this message reaches logs.
+        problems.append(
+            f"RELAY_ADMIN_PASSWORD must be at least {MIN_ADMIN_PASSWORD_LENGTH} "
+            "characters long"
+        )
+    if admin_password and not admin_password.isprintable():
+        problems.append("RELAY_ADMIN_PASSWORD cannot contain control characters")
+    metrics_token = env.get("RELAY_METRICS_TOKEN", "").strip() or None
+    if metrics_token and not _token_shape_ok(metrics_token):
+        # The value itself stays out of the message: it is a secret.
+        problems.append(
+            f"RELAY_METRICS_TOKEN must be at least {MIN_METRICS_TOKEN_LENGTH} "
+            "printable ASCII characters without spaces"
+        )
+
     database = env.get("COPERNICA_DATABASE", "").strip()
     if database in (".", ".."):
         problems.append("COPERNICA_DATABASE cannot be '.' or '..'")
@@ -281,6 +306,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         recovery_interval_seconds=number(
             "RELAY_RECOVERY_INTERVAL", DEFAULT_RECOVERY_INTERVAL_SECONDS
         ),
+        admin_password=admin_password,
+        metrics_token=metrics_token,
     )
     if problems:
         raise ConfigurationError(problems)
@@ -302,6 +329,17 @@ def _flag(
         problems.append(f"{name} must be true or false, got {raw!r}")
         return default
     return raw == "true"
+
+
+#: A metrics token shorter than this is too easy to guess.
+MIN_METRICS_TOKEN_LENGTH = 16
+
+
+def _token_shape_ok(token: str) -> bool:
+    # It travels in an Authorization header: printable ASCII, no spaces.
+    return len(token) >= MIN_METRICS_TOKEN_LENGTH and all(
+        "!" <= char <= "~" for char in token
+    )
 
 
 def _split_secrets(raw: str) -> tuple[bytes, ...]:

@@ -19,6 +19,7 @@ from gevent import Timeout
 
 from app import intake
 from app.deliveries import BUILDERS, DeliveryError, parse_body
+from app.metrics import RECORDER
 from app.signatures import verify_shopify, verify_typeform
 from worker.privacy import PRIVACY_TOPICS
 
@@ -48,40 +49,62 @@ def receive(source: str):
     relay = current_app.extensions["relay"]
     settings = relay["settings"]
     if source not in VERIFIERS:
-        return _answer(404, "unknown source", source, started)
+        return _answer(404, "unknown source", source, started, reason="unknown_source")
 
     secrets = settings.secrets_for(source)
     if not secrets:
-        return _answer(503, f"no {source} secret configured", source, started)
+        return _answer(
+            503,
+            f"no {source} secret configured",
+            source,
+            started,
+            reason="no_secret",
+        )
 
     try:
         body = _read_body(settings.max_body_bytes)
     except BodyTooSlow:
         return _answer(
-            408, "body not received in time", source, started, seconds=BODY_READ_SECONDS
+            408,
+            "body not received in time",
+            source,
+            started,
+            reason="too_slow",
+            seconds=BODY_READ_SECONDS,
         )
     except Exception:
         # A broken chunked encoding or a client gone mid-body: nothing to
         # verify, and no reason to log a traceback for it.
-        return _answer(400, "body could not be read", source, started)
+        return _answer(
+            400, "body could not be read", source, started, reason="unreadable"
+        )
     if body is None:
         return _answer(
-            413, "body too large", source, started, limit=settings.max_body_bytes
+            413,
+            "body too large",
+            source,
+            started,
+            reason="too_large",
+            limit=settings.max_body_bytes,
         )
 
     verify, header = VERIFIERS[source]
     if not verify(secrets, body, request.headers.get(header)):
-        return _answer(401, "signature missing or wrong", source, started)
+        return _answer(
+            401, "signature missing or wrong", source, started, reason="signature"
+        )
 
     payload = parse_body(body)
     if payload is None:
-        return _answer(400, "body is not a JSON object", source, started)
+        return _answer(
+            400, "body is not a JSON object", source, started, reason="not_json"
+        )
 
     received_at = datetime.now(UTC).isoformat(timespec="microseconds")
     try:
         delivery = BUILDERS[source](request.headers, payload, body, received_at)
     except DeliveryError as error:
-        return _answer(400, str(error), source, started)
+        return _answer(400, str(error), source, started, reason="bad_request")
 
     try:
         stored = intake.store(
@@ -102,6 +125,7 @@ def receive(source: str):
             "event could not be stored, retry later",
             source,
             started,
+            reason="not_stored",
             delivery=delivery.delivery_id,
             topic=delivery.topic,
             cause=type(error).__name__,
@@ -148,8 +172,20 @@ def _stop_reading() -> None:
         pass
 
 
-def _answer(status: int, outcome: str, source: str, started: float, **facts):
-    duration_ms = round((time.monotonic() - started) * 1000, 2)
+def _answer(
+    status: int,
+    outcome: str,
+    source: str,
+    started: float,
+    reason: str = "",
+    **facts,
+):
+    seconds = time.monotonic() - started
+    duration_ms = round(seconds * 1000, 2)
+    # The metric's outcome is one of three words; a rejection says why in
+    # ``reason``, a word from a fixed list, whatever the answer's text.
+    kind = "queued" if status == 202 else "duplicate" if status == 200 else "rejected"
+    RECORDER.webhook(source, facts.get("topic"), kind, reason, seconds)
     level = logging.INFO if status < 400 else logging.WARNING
     log.log(
         level,
@@ -161,6 +197,7 @@ def _answer(status: int, outcome: str, source: str, started: float, **facts):
                 "status": status,
                 "outcome": outcome,
                 "duration_ms": duration_ms,
+                **({"reason": reason} if reason else {}),
                 **facts,
             }
         },

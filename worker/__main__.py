@@ -28,6 +28,7 @@ from app.connections import (
     explain,
 )
 from app.logs import configure_logging
+from app.metrics import RECORDER, known_topics
 from app.settings import ConfigurationError
 from worker.jobs import context
 from worker.mapping import MappingError
@@ -54,6 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     settings = ctx.settings
     connection = connect_with(settings)
     queue = Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
+    # Deliveries are counted in memory and added to Redis by a thread, where
+    # GET /metrics reads them; the last counts go in when the worker exits.
+    RECORDER.bind(connection, known_topics(ctx.rules))
+    try:
+        return _run(args, ctx, queue, connection)
+    finally:
+        RECORDER.flush()
+
+
+def _run(args, ctx, queue, connection) -> int:
+    settings = ctx.settings
     log.info(
         "worker starting",
         extra={"fields": {"rules": len(ctx.rules), **settings.describe()}},

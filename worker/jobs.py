@@ -38,6 +38,7 @@ from rq.timeouts import JobTimeoutException
 
 from app.deliveries import Delivery
 from app.logs import mask_fields, mask_selector
+from app.metrics import RECORDER, status_class
 from app.settings import Settings, load_settings
 from worker import privacy as privacy_topics
 from worker.copernica import (
@@ -95,14 +96,27 @@ REDACT_MAX_PROFILES = 100_000
 
 
 class DeliveryFailed(Exception):
-    """The delivery cannot succeed as it is; the message says why, for people."""
+    """The delivery cannot succeed as it is; the message says why, for people.
+
+    ``kind`` says the same in one word from a fixed list, for the metrics.
+    """
+
+    def __init__(self, message: str, kind: str = "other"):
+        super().__init__(message)
+        self.kind = kind
 
 
 class ComeBack(Exception):
-    """End this run now and return this Retry (a failure, a busy profile...)."""
+    """End this run now and return this Retry (a failure, a busy profile...).
 
-    def __init__(self, retry: Retry):
+    ``outcome`` is ``retried`` after a failure, ``deferred`` otherwise, and
+    ``reason`` one word from a fixed list, for the metrics.
+    """
+
+    def __init__(self, retry: Retry, outcome: str = "deferred", reason: str = "busy"):
         self.retry = retry
+        self.outcome = outcome
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -179,6 +193,7 @@ class Run:
         self.client = client_for(ctx, connection)
         self.last_duration_ms: int | None = None
         self.write_in_doubt = False
+        self.skips: list[str] = []  # why rules were skipped, one word each
         self.schemas = (
             SchemaCache(
                 connection,
@@ -218,7 +233,7 @@ class Run:
             # RQ would kill a call that outlives the job's time, and count a
             # timeout as a permanent failure; continue in a fresh run instead.
             self.log("delivery continues in a new run", rule=label, outcome="continued")
-            raise ComeBack(Retry(max=RQ_RETRY_CEILING, interval=1))
+            raise ComeBack(Retry(max=RQ_RETRY_CEILING, interval=1), reason="continued")
 
         wait = self.limiter.acquire()
         if wait:
@@ -232,7 +247,9 @@ class Run:
                 retry_in_s=delay,
                 level=logging.DEBUG,
             )
-            raise ComeBack(Retry(max=RQ_RETRY_CEILING, interval=delay))
+            raise ComeBack(
+                Retry(max=RQ_RETRY_CEILING, interval=delay), reason="throttled"
+            )
 
         self.attempt.calls += 1
         started = time.monotonic()
@@ -247,12 +264,14 @@ class Run:
             answer = Answer(status=0, message=str(error), ambiguous=error.sent)
         except AuthenticationRefused as error:
             self.write_in_doubt = False
-            self.fail(label, str(error), None)
+            self.fail(label, str(error), None, kind="auth")
         finally:
             self.limiter.release()
         if writes and not answer.ambiguous:
             self.write_in_doubt = False
-        self.last_duration_ms = round((time.monotonic() - started) * 1000)
+        seconds = time.monotonic() - started
+        self.last_duration_ms = round(seconds * 1000)
+        RECORDER.call(call.method, answer.status, seconds)
         self.limiter.record(overload=answer.overload or answer.status == 0)
         return answer
 
@@ -278,6 +297,7 @@ class Run:
                 f"{problem} (permanent, not retried; attempt "
                 f"{self.attempt.failures + 1})",
                 answer.status,
+                kind="refused",
             )
 
         self.attempt.failures += 1
@@ -290,6 +310,7 @@ class Run:
                 label,
                 f"gave up after {self.attempt.failures} attempts; last: {problem}",
                 answer.status or None,
+                kind="retries_exhausted",
             )
         self.log(
             "delivery will be retried",
@@ -301,9 +322,15 @@ class Run:
             level=logging.WARNING,
             **timing,
         )
-        raise ComeBack(Retry(max=RQ_RETRY_CEILING, interval=delay))
+        raise ComeBack(
+            Retry(max=RQ_RETRY_CEILING, interval=delay),
+            outcome="retried",
+            reason=status_class(answer.status),
+        )
 
-    def fail(self, label: str, reason: str, status: int | None):
+    def fail(
+        self, label: str, reason: str, status: int | None, kind: str | None = None
+    ):
         self.log(
             "delivery failed",
             rule=label,
@@ -312,7 +339,9 @@ class Run:
             reason=reason,
             level=logging.WARNING,
         )
-        raise DeliveryFailed(f"{label}: {reason}")
+        raise DeliveryFailed(
+            f"{label}: {reason}", kind or ("refused" if status else "other")
+        )
 
     # -- schema ---------------------------------------------------------------
 
@@ -328,6 +357,7 @@ class Run:
                 "; ".join(problems) + " (fix the mapping or the "
                 "database, then requeue)",
                 None,
+                kind="missing_field",
             )
 
     def _field_problems(self, database, update, fresh: bool) -> list[str]:
@@ -385,6 +415,10 @@ def deliver(record: dict[str, Any]) -> dict[str, Any] | Retry:
     )
     run = Run(ctx, attempt, job.connection if job else None, job)
 
+    started = time.monotonic()
+    # How this run ended, for its log line and the metrics; anything not
+    # caught below leaves the job in RQ's failed registry.
+    ending = ("failed", "error")
     finished = False
     try:
         if (
@@ -395,8 +429,10 @@ def deliver(record: dict[str, Any]) -> dict[str, Any] | Retry:
         else:
             result = _deliver(run, delivery)
         finished = True
+        ending = ending_of(result, run.skips)
         return result
     except ComeBack as back:
+        ending = (back.outcome, back.reason)
         return back.retry
     except (JobTimeoutException, redis.RedisError) as error:
         # Cut off by RQ's time limit (a trickling answer, a stuck call), or
@@ -410,14 +446,19 @@ def deliver(record: dict[str, Any]) -> dict[str, Any] | Retry:
         try:
             run.require(Answer(status=0, message=reason), "delivery")
         except ComeBack as back:
+            cause = "timeout" if isinstance(error, JobTimeoutException) else "redis"
+            ending = (back.outcome, cause)
             return back.retry
         except DeliveryFailed as failed:
+            ending = ("failed", failed.kind)
             _record_failure(meta, failed)
             raise
     except DeliveryFailed as failed:
+        ending = ("failed", failed.kind)
         _record_failure(meta, failed)
         raise
     finally:
+        _report(run, ending, started)
         # What a later run needs (calls applied, failures counted) is saved
         # only when there will be a later run: a retry, or a replay.
         if job and not finished:
@@ -433,6 +474,43 @@ def deliver(record: dict[str, Any]) -> dict[str, Any] | Retry:
                 )
 
 
+def ending_of(result: dict[str, Any], skips: list[str]) -> tuple[str, str]:
+    """A finished run's outcome and reason, each one word from a fixed list.
+
+    ``skips`` are the reasons rules were skipped in this run, in order.
+    """
+    overall = result.get("outcome")
+    outcomes = {call.get("outcome") for call in result.get("calls", ())}
+    if overall == "unmapped":
+        return "skipped", "unmapped"
+    if "applied" in outcomes or overall in ("applied", "redacted", "acknowledged"):
+        return "applied", ""
+    if "dry_run" in outcomes or overall == "dry_run":
+        return "dry_run", ""
+    return "skipped", skips[0] if skips else "other"
+
+
+def _report(run: Run, ending: tuple[str, str], started: float) -> None:
+    """The run's one summary line, and its counts for the metrics."""
+    outcome, reason = ending
+    facts = run.attempt.facts
+    lag = None
+    if outcome == "applied" and run.attempt.event_time is not None:
+        lag = time.time() - run.attempt.event_time
+    RECORDER.delivery(facts["source"], facts["topic"], outcome, reason, lag)
+    run.log(
+        "delivery attempt ended",
+        # Throttled runs come back every second or two while Copernica is
+        # slow; at INFO they would drown everything else.
+        level=logging.DEBUG if reason == "throttled" else logging.INFO,
+        outcome=outcome,
+        reason=reason or None,
+        duration_ms=round((time.monotonic() - started) * 1000),
+        calls=run.attempt.calls,
+        lag_s=None if lag is None else round(lag, 3),
+    )
+
+
 def _record_failure(meta: dict[str, Any], failed: DeliveryFailed) -> None:
     meta["reason"] = str(failed)
     meta["failed_at"] = datetime.now(UTC).isoformat(timespec="seconds")
@@ -444,7 +522,7 @@ def _deliver(run: Run, delivery: Delivery) -> dict[str, Any]:
             run.ctx.rules, delivery.source, delivery.topic, delivery.body
         )
     except MappedValueError as error:
-        run.fail("mapping", str(error), None)
+        run.fail("mapping", str(error), None, kind="mapping")
 
     if not outcomes:
         run.log("delivery unmapped", outcome="unmapped")
@@ -453,7 +531,9 @@ def _deliver(run: Run, delivery: Delivery) -> dict[str, Any]:
     results = []
     for outcome in outcomes:
         if isinstance(outcome, Skipped):
-            results.append(_skipped(run, "rule skipped", outcome.rule, outcome.reason))
+            results.append(
+                _skipped(run, "rule skipped", outcome.rule, outcome.reason, "no_key")
+            )
         elif run.client is None:
             results.extend(_dry_run(run, outcome))
         else:
@@ -540,7 +620,7 @@ def _update_profile(run: Run, update: ProfileUpdate) -> list[dict[str, Any]]:
         for sub in update.subprofiles:
             if isinstance(sub, Skipped):
                 results.append(
-                    _skipped(run, "subprofile skipped", sub.rule, sub.reason)
+                    _skipped(run, "subprofile skipped", sub.rule, sub.reason, "no_key")
                 )
                 continue
             if (
@@ -576,7 +656,7 @@ def _profile_put(
 
     stale = _stale(run, guard, update.rule)
     if stale:
-        result = _skipped(run, "rule skipped", update.rule, stale)
+        result = _skipped(run, "rule skipped", update.rule, stale, "older_event")
     else:
         call = run.api.profile_put(
             database, update.selector, update.fields, update.create, update.async_
@@ -617,9 +697,9 @@ def _subprofile_put(
     stale = _stale(run, guard, label)
     if profile_id is None:
         reason = "no profile matches the selector to attach it to"
-        result = _skipped(run, "subprofile skipped", label, reason)
+        result = _skipped(run, "subprofile skipped", label, reason, "no_profile")
     elif stale:
-        result = _skipped(run, "subprofile skipped", label, stale)
+        result = _skipped(run, "subprofile skipped", label, stale, "older_event")
     else:
         call = run.api.subprofile_put(
             profile_id, sub.collection, sub.selector, sub.fields
@@ -658,6 +738,7 @@ def _profile_id(run: Run, database: str, update: ProfileUpdate) -> str | None:
             "the selector matches more than one profile; "
             "merge them in Copernica, then requeue",
             None,
+            kind="ambiguous_profile",
         )
     return str(matches[0]["ID"]) if matches else None
 
@@ -725,12 +806,16 @@ def _redact_customer(run, delivery, queue, shop, keep) -> dict[str, Any]:
     try:
         selectors = privacy_selectors(privacy, delivery.body)
     except MappedValueError as error:
-        run.fail("privacy", str(error), None)
+        run.fail("privacy", str(error), None, kind="mapping")
     needles = [value for selector in selectors for _, value in selector]
     results = []
     if not selectors:
         reason = "no usable customer id or email in the request"
-        results.append(_skipped(run, "customer redaction skipped", "privacy", reason))
+        results.append(
+            _skipped(
+                run, "customer redaction skipped", "privacy", reason, "no_customer"
+            )
+        )
     elif run.client is None:
         run.log(
             "dry run: customer redaction not sent",
@@ -847,7 +932,8 @@ def _clear_or_delete(run: Run, privacy: PrivacyRule, database: str, selectors):
     return result
 
 
-def _skipped(run: Run, event: str, rule: str, reason: str) -> dict[str, Any]:
+def _skipped(run: Run, event: str, rule: str, reason: str, kind: str) -> dict[str, Any]:
+    run.skips.append(kind)
     run.log(event, rule=rule, outcome="skipped", reason=reason)
     return {"rule": rule, "outcome": "skipped", "reason": reason}
 

@@ -58,3 +58,29 @@ def test_log_level_applies_to_rq_too(monkeypatch):
     configure_logging(io.StringIO())
     assert logging.getLogger("relay.web").isEnabledFor(logging.INFO)
     assert not logging.getLogger("rq.worker").isEnabledFor(logging.INFO)
+
+
+def test_personal_data_that_slips_into_any_field_is_masked():
+    try:
+        raise KeyError("no profile for zoe.angstrom@example.com")
+    except KeyError:
+        import sys
+
+        entry = record("failed for kim@example.com", reason="call +46 70 174 06 05")
+        entry.fields["selector"] = ["email==kim@example.com"]
+        entry.exc_info = sys.exc_info()
+    line = LineFormatter(as_json=True).format(entry)
+    event = json.loads(line)
+
+    for leaked in ("zoe.angstrom@", "kim@", "174 06"):
+        assert leaked not in line
+    assert event["event"] == "failed for k***@example.com"
+    assert event["selector"] == ["email==k***@example.com"]
+    assert "z***@example.com" in event["error"]
+    # Masked values stay as they are.
+    assert (
+        LineFormatter(as_json=True)
+        .format(record("x", selector=["email==k***@example.com"], time_zone="+02:00"))
+        .count("k***@example.com")
+        == 1
+    )
