@@ -23,7 +23,7 @@ from rq import Queue
 
 from app import create_app
 from app.settings import load_settings
-from app.signatures import TYPEFORM_PREFIX, sign
+from app.signatures import DIGEST_BYTES, TYPEFORM_PREFIX, _decode_digest, sign
 from tests.fuzzing import tried
 from tests.harness import (
     SHOPIFY_SECRET,
@@ -142,8 +142,6 @@ def test_wrong_signature_of_any_length_gets_401_without_an_exception(
 def test_any_header_text_decodes_to_a_full_digest_or_nothing(header):
     # compare_digest is only ever handed two 32-byte strings: a header that
     # is not exactly that much base64 never reaches it.
-    from app.signatures import DIGEST_BYTES, _decode_digest
-
     tried("signature header text")
     digest = _decode_digest(header)
     assert digest is None or (isinstance(digest, bytes) and len(digest) == DIGEST_BYTES)
