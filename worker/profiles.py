@@ -13,6 +13,11 @@ create a profile. So, per Copernica selector:
 
 Marks are kept per rule because each rule writes its own set of fields: an
 older consent event must still apply after a newer customer update.
+
+A delivery takes the lock and reads its marks in one round trip (``hold``),
+and raises its marks and releases the lock in another (``finish``): no other
+delivery can move a mark while the lock is held, so marks read with the lock
+stay true until it is released.
 """
 
 from __future__ import annotations
@@ -47,6 +52,40 @@ if current == nil or candidate > current then
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return tostring(current)
+"""
+
+
+#: Takes the lock (KEYS[1]) for ARGV[1] for ARGV[2] ms; when taken, returns
+#: the values of KEYS[2..] (marks, and any other key the delivery reads
+#: first), so they cost no round trip of their own. '' stands for none.
+HOLD = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return false
+end
+local values = {}
+for i = 2, #KEYS do
+  values[i - 1] = redis.call('GET', KEYS[i]) or ''
+end
+return values
+"""
+
+#: Raises each mark KEYS[2..] to its ARGV[3..] (as RAISE_MARK does), then
+#: deletes the lock KEYS[1] if ARGV[2] is 1 and it still holds ARGV[1].
+FINISH = """
+local ttl = ARGV[#ARGV]
+for i = 2, #KEYS do
+  local current = tonumber(redis.call('GET', KEYS[i]))
+  local candidate = tonumber(ARGV[i + 1])
+  if current == nil or candidate > current then
+    redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ttl)
+  else
+    redis.call('EXPIRE', KEYS[i], ttl)
+  end
+end
+if ARGV[2] == '1' and redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+end
+return 1
 """
 
 
@@ -110,6 +149,45 @@ class ProfileGuard:
         self.lock_ms = int(lock_seconds * 1000)
         self.mark_ttl = mark_ttl_seconds
         self.token = secrets.token_hex(8)
+        self._marks: dict[str, float | None] = {}  # read while holding the lock
+        self._applied: dict[str, float] = {}  # marks to raise at finish
+
+    def hold(self, rules: list[str], read: tuple[str, ...] = ()) -> list | None:
+        """Take the lock and, with it, read the marks of these rules and the
+        keys in ``read``; their values (None when absent), or None if busy."""
+        keys = [self.lock_key, *read] + [self._mark_key(rule) for rule in rules]
+        values = self.connection.register_script(HOLD)(keys, [self.token, self.lock_ms])
+        if values is None:
+            return None
+        values = [value or None for value in values]
+        marks = values[len(read) :]
+        self._marks = {
+            rule: float(value) if value is not None else None
+            for rule, value in zip(rules, marks, strict=True)
+        }
+        return values[: len(read)]
+
+    def applied(self, rule: str, moment: float) -> None:
+        """Copernica took this rule's write: raise its mark at ``finish``."""
+        self._applied[rule] = max(moment, self._applied.get(rule, moment))
+        self._marks[rule] = max(moment, self._marks.get(rule) or moment)
+
+    def pending(self) -> list[str]:
+        """Rules applied whose marks ``finish`` has not written yet."""
+        return list(self._applied)
+
+    def finish(self, release: bool) -> None:
+        """Raise the marks of what was applied; release the lock if asked."""
+        rules = list(self._applied)
+        if not rules and not release:
+            return
+        self.connection.register_script(FINISH)(
+            [self.lock_key] + [self._mark_key(rule) for rule in rules],
+            [self.token, "1" if release else "0"]
+            + [repr(self._applied[rule]) for rule in rules]
+            + [self.mark_ttl],
+        )
+        self._applied.clear()
 
     def acquire(self) -> bool:
         return bool(
@@ -120,6 +198,8 @@ class ProfileGuard:
         self.connection.eval(RELEASE_LOCK, 1, self.lock_key, self.token)
 
     def mark(self, rule: str) -> float | None:
+        if rule in self._marks:
+            return self._marks[rule]
         value = self.connection.get(self._mark_key(rule))
         return float(value) if value is not None else None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from redis.client import PubSub
 from rq import Queue
 from rq.job import JobStatus
 from rq.scheduler import RQScheduler
@@ -12,6 +13,7 @@ from rq.serializers import JSONSerializer
 
 from worker.recovery import (
     STALE_CLAIM_SECONDS,
+    RelayWorker,
     recover_abandoned,
     recovery_key,
     release_stale_scheduler_lock,
@@ -71,3 +73,28 @@ def test_scheduler_lock_is_released_only_when_not_renewed(queue, ttl_ms, release
 
     assert release_stale_scheduler_lock(queue) is released
     assert (queue.connection.get(key) is None) is released
+
+
+def test_a_stopping_worker_does_not_wait_a_minute_for_its_command_listener(
+    queue, monkeypatch
+):
+    worker = RelayWorker(
+        [queue], connection=queue.connection, serializer=JSONSerializer
+    )
+    worker.subscribe()
+    time.sleep(0.2)  # the listener is waiting for a command (up to 60 s)
+
+    send_unsubscribe = PubSub.unsubscribe
+
+    def unsubscribe_then_pause(self, *args):
+        answer = send_unsubscribe(self, *args)
+        # As on a busy machine: the listener reads the UNSUBSCRIBE reply
+        # before the worker goes on to stop it.
+        time.sleep(0.5)
+        return answer
+
+    monkeypatch.setattr(PubSub, "unsubscribe", unsubscribe_then_pause)
+    started = time.monotonic()
+    worker.unsubscribe()
+    assert time.monotonic() - started < 5
+    assert not worker.pubsub_thread.is_alive()
