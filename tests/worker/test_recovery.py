@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import redis
 from redis.client import PubSub
 from rq import Queue
 from rq.job import JobStatus
@@ -98,3 +99,31 @@ def test_a_stopping_worker_does_not_wait_a_minute_for_its_command_listener(
     worker.unsubscribe()
     assert time.monotonic() - started < 5
     assert not worker.pubsub_thread.is_alive()
+
+
+def test_a_heartbeat_is_one_round_trip_and_still_extends_the_worker(
+    redis_server, queue
+):
+    writes = []
+
+    pool = redis.ConnectionPool.from_url(redis_server.url)
+
+    class Counting(pool.connection_class):
+        # One write to the socket per round trip.
+        def send_packed_command(self, command, check_health=True):
+            writes.append(command)
+            return super().send_packed_command(command, check_health)
+
+    pool.connection_class = Counting
+    connection = redis.Redis(connection_pool=pool)
+    worker = RelayWorker([queue], connection=connection, serializer=JSONSerializer)
+    try:
+        connection.ping()
+        writes.clear()
+        worker.heartbeat(90)
+        assert len(writes) == 1
+        assert connection.hget(worker.key, "last_heartbeat")
+        assert 80 < connection.ttl(worker.key) <= 90
+    finally:
+        connection.delete(worker.key)
+        pool.disconnect()
