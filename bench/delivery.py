@@ -4,12 +4,16 @@ Queues N Shopify customer deliveries (through the same intake code as the web
 process), then runs one ``python -m worker --burst`` against the Copernica
 stand-in, which answers at once. In the same run, for the ratios:
 
-- the same worker drains N jobs that do nothing (RQ's bookkeeping alone);
+- the same worker drains N jobs that do nothing (RQ's bookkeeping alone),
+  and N that do nothing with a delivery record as their argument (RQ's
+  bookkeeping for a job that carries as much data as a delivery);
 - plain RQ SimpleWorker drains N of them too (what the relay's worker class
   adds to every job);
 - RQ's default forking ``Worker`` drains a smaller number of deliveries (it
   forks a process per job, so a few hundred take long enough).
 
+Deliveries and no-op jobs take turns in a few rounds (the figures are the
+medians), so a neighbour loading the machine for a while weighs on both.
 Rates are counted from the first job's start to the last job's end, so process
 start-up is left out. The deliveries go to a fixed set of customers in turn
 (each profile is created once, then updated): the stand-in finds a profile by
@@ -24,6 +28,7 @@ commandstats before and after each run.
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -56,6 +61,13 @@ def main() -> None:
     )
     parser.add_argument("--customers", type=int, default=100)
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="deliveries and no-op jobs take turns in this many rounds; the "
+        "figures are the rounds' medians",
+    )
+    parser.add_argument(
         "--max-rps",
         default="0",
         help="COPERNICA_MAX_RPS for the run (0, the default here: no limit, to "
@@ -77,7 +89,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.smoke:
-        args.jobs, args.forking_jobs, args.customers = 60, 10, 10
+        args.jobs, args.forking_jobs, args.customers, args.rounds = 60, 10, 10, 1
 
     with (
         tempfile.TemporaryDirectory() as scratch,
@@ -106,6 +118,7 @@ def main() -> None:
         "delivery",
         {
             "jobs": args.jobs,
+            "rounds": args.rounds,
             "forking_jobs": args.forking_jobs,
             "customers": args.customers,
             "copernica_max_rps": args.max_rps,
@@ -124,6 +137,7 @@ def measure(redis_url: str, env: dict, args) -> dict:
     connection = redis.Redis.from_url(redis_url)
     queue = Queue("deliveries", connection=connection, serializer=JSONSerializer)
     timeout = 60 + args.jobs  # far above any plausible run: a hang stops here
+    per_round = max(1, args.jobs // args.rounds)
 
     def run(kind: str, job_ids: list[str], profile=None) -> tuple[float, float, float]:
         before = redis_commands(connection)
@@ -131,27 +145,58 @@ def measure(redis_url: str, env: dict, args) -> dict:
         commands = (redis_commands(connection) - before) / len(job_ids)
         return jobs_per_second(connection, job_ids), round(commands, 1), wall
 
-    deliveries = queue_deliveries(queue, args.jobs, args.customers, "bench")
-    rate, commands, wall = run("relay", deliveries, args.profile)
-
-    noop_rate, noop_commands, _ = run("relay", queue_noops(queue, args.jobs))
-    simple_rate, _, _ = run("simple", queue_noops(queue, args.jobs))
+    # Rounds take turns, so a neighbour loading the shared machine for a while
+    # weighs on the deliveries and on the no-op jobs alike.
+    rounds = []
+    for number in range(args.rounds):
+        profile = None
+        if args.profile is not None and number == 0:
+            profile = args.profile
+        deliveries = queue_deliveries(
+            queue, per_round, args.customers, f"bench-{number}"
+        )
+        rate, commands, wall = run("relay", deliveries, profile)
+        noop_rate, noop_commands, _ = run("relay", queue_noops(queue, per_round))
+        carrying = queue_noops(queue, per_round, with_record=True)
+        carrying_rate, _, _ = run("relay", carrying)
+        simple_rate, _, _ = run("simple", queue_noops(queue, per_round))
+        rounds.append(
+            {
+                "deliveries_per_second": rate,
+                "noop_jobs_per_second": noop_rate,
+                "ratio_to_noop": round(rate / noop_rate, 2),
+                "noop_with_record_jobs_per_second": carrying_rate,
+                "ratio_to_noop_with_record": round(rate / carrying_rate, 2),
+                "simpleworker_noop_jobs_per_second": simple_rate,
+                "redis_commands_per_delivery": commands,
+                "redis_commands_per_noop_job": noop_commands,
+                "wall_seconds_with_startup": wall,
+            }
+        )
 
     forked = queue_deliveries(queue, args.forking_jobs, args.customers, "forking")
     forking_rate, _, _ = run("forking", forked)
 
+    def middle(name: str) -> float:
+        return statistics.median(entry[name] for entry in rounds)
+
+    rate = middle("deliveries_per_second")
     return {
-        "deliveries": args.jobs,
+        "deliveries": per_round * args.rounds,
         "finished": FinishedJobRegistry(queue=queue).count,
         "deliveries_per_second": rate,
-        "noop_jobs_per_second": noop_rate,
-        "ratio_to_noop": round(rate / noop_rate, 2),
-        "simpleworker_noop_jobs_per_second": simple_rate,
+        "noop_jobs_per_second": middle("noop_jobs_per_second"),
+        "ratio_to_noop": middle("ratio_to_noop"),
+        "noop_with_record_jobs_per_second": middle("noop_with_record_jobs_per_second"),
+        "ratio_to_noop_with_record": middle("ratio_to_noop_with_record"),
+        "simpleworker_noop_jobs_per_second": middle(
+            "simpleworker_noop_jobs_per_second"
+        ),
         "forking_worker_deliveries_per_second": forking_rate,
         "ratio_to_forking_worker": round(rate / forking_rate, 1),
-        "redis_commands_per_delivery": commands,
-        "redis_commands_per_noop_job": noop_commands,
-        "wall_seconds_with_startup": wall,
+        "redis_commands_per_delivery": middle("redis_commands_per_delivery"),
+        "redis_commands_per_noop_job": middle("redis_commands_per_noop_job"),
+        "rounds": rounds,
     }
 
 

@@ -56,6 +56,20 @@ def record(benchmark: str, settings: dict, figures: dict) -> None:
     common.record(benchmark, settings, figures)
 
 
+def customer_delivery(number: int, customers: int, prefix: str) -> Delivery:
+    """A customers/create delivery for customer ``number % customers``."""
+    return Delivery(
+        source="shopify",
+        topic="customers/create",
+        delivery_id=f"{prefix}-{number}",
+        account="bench.myshopify.com",
+        received_at="2026-12-04T00:00:00+00:00",
+        event_at=None,
+        event_id=None,
+        body={**CUSTOMERS_BODY, "email": f"customer{number % customers}@example.com"},
+    )
+
+
 def queue_deliveries(
     queue: Queue, count: int, customers: int, prefix: str
 ) -> list[str]:
@@ -63,22 +77,9 @@ def queue_deliveries(
     in turn, through the web process's own intake code; their job ids."""
     job_ids = []
     for number in range(count):
-        delivery = Delivery(
-            source="shopify",
-            topic="customers/create",
-            delivery_id=f"{prefix}-{number}",
-            account="bench.myshopify.com",
-            received_at="2026-12-04T00:00:00+00:00",
-            event_at=None,
-            event_id=None,
-            body={
-                **CUSTOMERS_BODY,
-                "email": f"customer{number % customers}@example.com",
-            },
-        )
         stored = intake.store(
             queue,
-            delivery,
+            customer_delivery(number, customers, prefix),
             dedupe_ttl=3600,
             result_ttl=3600,
             failure_ttl=3600,
@@ -88,11 +89,25 @@ def queue_deliveries(
     return job_ids
 
 
-def queue_noops(queue: Queue, count: int) -> list[str]:
-    """Jobs that do nothing (they parse an absent Retry-After header)."""
+def queue_noops(queue: Queue, count: int, with_record: bool = False) -> list[str]:
+    """Jobs that do nothing: with no argument, or (``with_record``) with a
+    delivery record like the real jobs', so RQ stores, loads and decodes as
+    much data for them as for a delivery."""
+    if not with_record:
+        return [
+            queue.enqueue("worker.retry.parse_retry_after", None).id
+            for _ in range(count)
+        ]
     return [
-        queue.enqueue("worker.retry.parse_retry_after", None).id for _ in range(count)
+        queue.enqueue(
+            ignore, customer_delivery(number, 1, "noop").to_dict(), result_ttl=3600
+        ).id
+        for number in range(count)
     ]
+
+
+def ignore(record: dict) -> None:
+    """The no-op job that takes a delivery record."""
 
 
 def redis_commands(connection: redis.Redis) -> int:
