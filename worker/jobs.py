@@ -345,9 +345,17 @@ class Run:
 
     # -- schema ---------------------------------------------------------------
 
-    def check_fields(self, label: str, database: str, update: ProfileUpdate) -> None:
-        """Fail for good if the update names a field the database lacks."""
-        problems = self._field_problems(database, update, fresh=False)
+    def check_fields(
+        self,
+        label: str,
+        database: str,
+        update: ProfileUpdate,
+        cached: bytes | None = None,
+    ) -> None:
+        """Fail for good if the update names a field the database lacks.
+
+        ``cached`` is the cached field list when the caller already read it."""
+        problems = self._field_problems(database, update, fresh=False, cached=cached)
         if problems:
             # Perhaps the field was added a minute ago: ask Copernica again.
             problems = self._field_problems(database, update, fresh=True)
@@ -360,9 +368,9 @@ class Run:
                 kind="missing_field",
             )
 
-    def _field_problems(self, database, update, fresh: bool) -> list[str]:
+    def _field_problems(self, database, update, fresh: bool, cached=None):
         try:
-            schema = self.schemas.get(database, fresh=fresh)
+            schema = self.schemas.get(database, fresh=fresh, cached=cached)
         except SchemaUnavailable as error:
             answer = error.answer
             if answer is not None and answer.status and not answer.retryable:
@@ -592,7 +600,6 @@ def _update_profile(run: Run, update: ProfileUpdate) -> list[dict[str, Any]]:
     if all(label in attempt.done for label in labels):
         return [attempt.done[label] for label in labels]
 
-    run.check_fields(update.rule, database, update)
     guard = ProfileGuard(
         run.connection,
         database,
@@ -600,7 +607,9 @@ def _update_profile(run: Run, update: ProfileUpdate) -> list[dict[str, Any]]:
         lock_seconds=settings.job_timeout_seconds + LOCK_GRACE_SECONDS,
         mark_ttl_seconds=settings.order_ttl_seconds,
     )
-    if not guard.acquire():
+    # The lock, the order marks and the cached field list in one round trip.
+    held = guard.hold(labels, read=(run.schemas.key(database),))
+    if held is None:
         # Another delivery is writing this profile; two create=1 PUTs at once
         # could create it twice. Come back shortly, not as a failure.
         delay = PROFILE_BUSY_DELAY_SECONDS + random.randint(
@@ -614,6 +623,9 @@ def _update_profile(run: Run, update: ProfileUpdate) -> list[dict[str, Any]]:
         )
         raise ComeBack(Retry(max=RQ_RETRY_CEILING, interval=delay))
     try:
+        # Checked under the lock: a delivery for a field the database lacks
+        # fails for good here, and the lock is released on the way out.
+        run.check_fields(update.rule, database, update, cached=held[0])
         results = [_profile_put(run, database, update, guard)]
         profile_id = results[0].get("created_id")
         looked_up = False  # one look-up serves every subprofile
@@ -642,9 +654,21 @@ def _update_profile(run: Run, update: ProfileUpdate) -> list[dict[str, Any]]:
                 rule=update.rule,
                 outcome="lock_kept",
             )
-        else:
-            guard.release()
+        _finish(run, guard, release=not run.write_in_doubt)
     return results
+
+
+def _finish(run: Run, guard: ProfileGuard, release: bool) -> None:
+    """Raise the marks of the calls applied and release the lock, in one step."""
+    try:
+        guard.finish(release)
+    except redis.RedisError:
+        # Their marks are not raised: the next run applies these calls again
+        # (as it would had Redis failed right after the call) and then marks
+        # them, rather than leaving an older event free to overwrite them.
+        for label in guard.pending():
+            run.attempt.done.pop(label, None)
+        raise
 
 
 def _profile_put(
@@ -767,10 +791,11 @@ def _delivery_name(run: Run) -> str:
 
 
 def _applied(run: Run, guard: ProfileGuard, label: str) -> None:
-    # Written only now that Copernica took the PUT: a failed call must not
-    # make the retry of this very event look stale.
+    # Noted only now that Copernica took the PUT: a failed call must not
+    # make the retry of this very event look stale. The mark is written when
+    # the lock is released, in the same round trip.
     if run.attempt.event_time is not None:
-        guard.raise_mark(label, run.attempt.event_time, _delivery_name(run))
+        guard.applied(label, run.attempt.event_time, _delivery_name(run))
 
 
 def _privacy(run: Run, delivery: Delivery) -> dict[str, Any]:

@@ -26,10 +26,11 @@ RATE_MEMORY_SECONDS = 600
 #: Seconds a worker may wait in place for a slot before rescheduling the job.
 MAX_WAIT_SECONDS = 1.0
 
-#: Takes a token from a bucket refilled at the current rate. Returns {0 when a
-#: token was taken, else the milliseconds until one will be there; 1 when the
-#: rate is below its ceiling (an overload is still being recovered from)}.
-TAKE_TOKEN = """
+#: Takes a token from the bucket KEYS[1], refilled at the current rate (KEYS[2],
+#: else the ceiling ARGV[1]) at the time ARGV[2] (ms). Sets ``wait`` (0 when a
+#: token was taken, else the milliseconds until one will be there) and
+#: ``reduced`` (1 while an overload is still being recovered from).
+TOKEN_STEP = """
 local rate = tonumber(redis.call('GET', KEYS[2]) or ARGV[1])
 local now = tonumber(ARGV[2])
 local burst = math.max(1, rate)
@@ -47,8 +48,31 @@ redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
 redis.call('PEXPIRE', KEYS[1], 60000)
 local reduced = 0
 if rate < tonumber(ARGV[1]) then reduced = 1 end
+"""
+
+#: Takes a token (see TOKEN_STEP). Returns {wait, reduced}.
+TAKE_TOKEN = TOKEN_STEP + "return {wait, reduced}\n"
+
+#: Both limits in one round trip: a place among the calls in flight (KEYS[3],
+#: at most ARGV[3]; expired claims dropped first) and a token. The place,
+#: ARGV[5] until ARGV[4], is only claimed with a token. Returns {-1, 0} when
+#: no place is free, else {wait, reduced} as TAKE_TOKEN does.
+TAKE_SLOT_AND_TOKEN = (
+    """
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[2])
+if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[3]) then
+  return {-1, 0}
+end
+"""
+    + TOKEN_STEP
+    + """
+if wait == 0 then
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
+  redis.call('PEXPIRE', KEYS[3], 120000)
+end
 return {wait, reduced}
 """
+)
 
 #: Claims a place among the calls in flight; expired claims (a worker that
 #: died mid-call) are dropped first. Returns 1 when claimed.
@@ -109,6 +133,8 @@ class SharedLimiter:
 
     def _try(self) -> float:
         now_ms = int(time.time() * 1000)
+        if self.max_concurrency and self.max_rps:
+            return self._try_both(now_ms)
         if self.max_concurrency:
             slot = secrets.token_hex(8)
             claimed = self.connection.eval(
@@ -131,6 +157,28 @@ class SharedLimiter:
             if wait_ms:
                 self.release()
                 return wait_ms / 1000
+        return 0.0
+
+    def _try_both(self, now_ms: int) -> float:
+        slot = secrets.token_hex(8)
+        wait_ms, reduced = self.connection.eval(
+            TAKE_SLOT_AND_TOKEN,
+            3,
+            self.bucket_key,
+            self.rate_key,
+            self.inflight_key,
+            self.max_rps,
+            now_ms,
+            self.max_concurrency,
+            now_ms + self.slot_ms,
+            slot,
+        )
+        if wait_ms < 0:
+            return 0.05
+        self._reduced = bool(reduced)
+        if wait_ms:
+            return wait_ms / 1000
+        self._slot = slot
         return 0.0
 
     def release(self) -> None:

@@ -15,6 +15,11 @@ create a profile. So, per Copernica selector:
 
 Marks are kept per rule because each rule writes its own set of fields: an
 older consent event must still apply after a newer customer update.
+
+A delivery takes the lock and reads its marks in one round trip (``hold``),
+and raises its marks and releases the lock in another (``finish``): no other
+delivery can move a mark while the lock is held, so marks read with the lock
+stay true until it is released.
 """
 
 from __future__ import annotations
@@ -53,6 +58,44 @@ end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 return tostring(current)
+"""
+
+
+#: Takes the lock (KEYS[1]) for ARGV[1] for ARGV[2] ms; when taken, returns
+#: the values of KEYS[2..] (marks, and any other key the delivery reads
+#: first), so they cost no round trip of their own. '' stands for none.
+HOLD = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return false
+end
+local values = {}
+for i = 2, #KEYS do
+  values[i - 1] = redis.call('GET', KEYS[i]) or ''
+end
+return values
+"""
+
+#: Raises each mark (KEYS[2], KEYS[4], ...) to its time (ARGV[3], ARGV[5],
+#: ...) as RAISE_MARK does, naming the delivery (ARGV[4], ...) in the key that
+#: follows it, then deletes the lock KEYS[1] if ARGV[2] is 1 and it still
+#: holds ARGV[1].
+FINISH = """
+local ttl = ARGV[#ARGV]
+for i = 2, #KEYS, 2 do
+  local current = tonumber(redis.call('GET', KEYS[i]))
+  local candidate = tonumber(ARGV[i + 1])
+  if current == nil or candidate >= current then
+    redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ttl)
+    redis.call('SET', KEYS[i + 1], ARGV[i + 2], 'EX', ttl)
+  else
+    redis.call('EXPIRE', KEYS[i], ttl)
+    redis.call('EXPIRE', KEYS[i + 1], ttl)
+  end
+end
+if ARGV[2] == '1' and redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+end
+return 1
 """
 
 
@@ -121,6 +164,57 @@ class ProfileGuard:
         self.lock_ms = int(lock_seconds * 1000)
         self.mark_ttl = mark_ttl_seconds
         self.token = secrets.token_hex(8)
+        self._marks: dict[str, float | None] = {}  # read while holding the lock
+        self._by: dict[str, str | None] = {}  # who set those marks
+        self._applied: dict[str, tuple[float, str]] = {}  # to raise at finish
+
+    def hold(self, rules: list[str], read: tuple[str, ...] = ()) -> list | None:
+        """Take the lock and, with it, read the marks of these rules (and who
+        set them) and the keys in ``read``; their values (None when absent),
+        or None if busy."""
+        mark_keys = []
+        for rule in rules:
+            mark_keys += [self._mark_key(rule), self._by_key(rule)]
+        keys = [self.lock_key, *read, *mark_keys]
+        values = self.connection.register_script(HOLD)(keys, [self.token, self.lock_ms])
+        if values is None:
+            return None
+        values = [value or None for value in values]
+        marks = values[len(read) :]
+        self._marks, self._by = {}, {}
+        for index, rule in enumerate(rules):
+            mark, by = marks[2 * index], marks[2 * index + 1]
+            self._marks[rule] = float(mark) if mark is not None else None
+            self._by[rule] = by.decode() if by is not None else None
+        return values[: len(read)]
+
+    def applied(self, rule: str, moment: float, delivery: str = "") -> None:
+        """Copernica took this rule's write for ``delivery``: raise its mark
+        at ``finish``."""
+        by = delivery_digest(delivery) if delivery else ""
+        earlier = self._applied.get(rule)
+        if earlier is None or moment >= earlier[0]:
+            self._applied[rule] = (moment, by)
+        if moment >= (self._marks.get(rule) or moment):
+            self._marks[rule] = moment
+            self._by[rule] = by
+
+    def pending(self) -> list[str]:
+        """Rules applied whose marks ``finish`` has not written yet."""
+        return list(self._applied)
+
+    def finish(self, release: bool) -> None:
+        """Raise the marks of what was applied; release the lock if asked."""
+        rules = list(self._applied)
+        if not rules and not release:
+            return
+        keys, args = [self.lock_key], [self.token, "1" if release else "0"]
+        for rule in rules:
+            moment, by = self._applied[rule]
+            keys += [self._mark_key(rule), self._by_key(rule)]
+            args += [repr(moment), by]
+        self.connection.register_script(FINISH)(keys, [*args, self.mark_ttl])
+        self._applied.clear()
 
     def acquire(self) -> bool:
         return bool(
@@ -131,6 +225,8 @@ class ProfileGuard:
         self.connection.eval(RELEASE_LOCK, 1, self.lock_key, self.token)
 
     def mark(self, rule: str) -> float | None:
+        if rule in self._marks:
+            return self._marks[rule]
         value = self.connection.get(self._mark_key(rule))
         return float(value) if value is not None else None
 
@@ -140,7 +236,7 @@ class ProfileGuard:
             RAISE_MARK,
             2,
             key,
-            key + ":by",
+            self._by_key(rule),
             repr(moment),
             self.mark_ttl,
             delivery_digest(delivery) if delivery else "",
@@ -149,8 +245,15 @@ class ProfileGuard:
 
     def marked_by(self, rule: str, delivery: str) -> bool:
         """Whether ``delivery`` brought the rule's mark to its present time."""
-        named = self.connection.get(self._mark_key(rule) + ":by")
-        return named is not None and named.decode() == delivery_digest(delivery)
+        if rule in self._by:
+            named = self._by[rule]
+        else:
+            value = self.connection.get(self._by_key(rule))
+            named = value.decode() if value is not None else None
+        return named == delivery_digest(delivery)
 
     def _mark_key(self, rule: str) -> str:
         return self.mark_prefix + hashlib.sha256(rule.encode()).hexdigest()[:12]
+
+    def _by_key(self, rule: str) -> str:
+        return self._mark_key(rule) + ":by"

@@ -72,6 +72,10 @@ end
 return 0
 """
 
+#: How long a stopping worker waits for its command listener to end; a
+#: listener still reading after that is a daemon thread and ends with it.
+UNSUBSCRIBE_WAIT_SECONDS = 2
+
 #: A recovery claim older than this belongs to a worker that died mid-way.
 STALE_CLAIM_SECONDS = 30
 
@@ -164,12 +168,40 @@ class RelayWorker(SimpleWorker):
         # deliveries sooner. The job cannot outlive its limit anyway.
         return int(job.timeout or 0) + ABANDON_GRACE_SECONDS
 
+    def heartbeat(self, timeout: int | None = None, pipeline=None) -> None:
+        # RQ beats three times per job outside any pipeline, three commands
+        # and three round trips each; the same commands sent together cost
+        # one. (A non-transactional pipeline: nothing here needs MULTI.)
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline=pipeline)
+            return
+        with self.connection.pipeline(transaction=False) as beat:
+            super().heartbeat(timeout, pipeline=beat)
+            beat.execute()
+
     def handle_exception(self, job: Job, *exc_info) -> None:
         # A delivery that failed for a known reason was logged by the relay in
         # one line; RQ's traceback at error level would only repeat it.
         if exc_info and getattr(exc_info[0], "__name__", "") == "DeliveryFailed":
             return
         super().handle_exception(job, *exc_info)
+
+    def unsubscribe(self) -> None:
+        # RQ stops its command listener with redis-py's PubSubWorkerThread.stop(),
+        # which since redis-py 8 waits for the listener's current read, up to
+        # RQ's 60 s, whenever the listener has already taken the UNSUBSCRIBE
+        # reply: a worker could take a minute to exit after its last job (past
+        # Heroku's 30 s grace). Stopping the listener first means that reply
+        # wakes it to find itself stopped; it closes its connection itself.
+        thread = self.pubsub_thread
+        if thread is None:
+            return
+        self.log.info("Worker %s: unsubscribing from its channel", self.name)
+        thread.stop(timeout=0)
+        self.pubsub.unsubscribe()
+        thread.join(timeout=UNSUBSCRIBE_WAIT_SECONDS)
+        if not thread.is_alive():
+            self.pubsub.close()
 
     def clean_registries(self) -> None:
         for queue in self.queues:

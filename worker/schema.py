@@ -137,10 +137,20 @@ class SchemaCache:
     def _key(self, database: str) -> str:
         return f"{SCHEMA_PREFIX}{self.scope}:{database.lower()}"
 
-    def get(self, database: str, fresh: bool = False) -> Schema:
+    def key(self, database: str) -> str:
+        """The Redis key of the database's cached field list, for a caller
+        that reads it along with other keys (see ``get``'s ``cached``)."""
+        return self._key(database)
+
+    def get(
+        self, database: str, fresh: bool = False, cached: bytes | None = None
+    ) -> Schema:
+        """The field list: ``cached`` (the key's value, already read by the
+        caller) or the cached one, else Copernica's, which is then cached."""
         key = self._key(database)
         if not fresh:
-            cached = self.connection.get(key)
+            if cached is None:
+                cached = self.connection.get(key)
             if cached:
                 return Schema.from_json(cached)
         schema = fetch_schema(self.send, self.api, database)

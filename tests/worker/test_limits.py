@@ -53,3 +53,29 @@ def test_rate_never_drops_below_the_floor(limiter):
     for _ in range(10):
         rate = shared.record(overload=True)
     assert rate == MIN_RATE
+
+
+def test_both_limits_take_one_round_trip_and_keep_to_both(limiter, redis_client):
+    writes = []
+    pool = redis_client.connection_pool
+
+    class Counting(pool.connection_class):
+        # One write to the socket per round trip.
+        def send_packed_command(self, command, check_health=True):
+            writes.append(command)
+            return super().send_packed_command(command, check_health)
+
+    pool.connection_class = Counting
+    pool.disconnect()
+    redis_client.ping()  # connected, so only the limiter's writes count
+    writes.clear()
+    first, second = limiter(rps=2, concurrency=1), limiter(rps=2, concurrency=1)
+    assert first._try() == 0
+    assert len(writes) == 1
+
+    assert second._try() == 0.05  # no place in flight: no token taken
+    first.release()
+    assert second._try() == 0  # the second of the burst of two
+    second.release()
+    assert 0 < first._try() <= 0.5  # bucket empty: no place kept either
+    assert redis_client.zcard("relay:limit:inflight") == 0

@@ -79,3 +79,55 @@ def test_a_mark_remembers_the_delivery_that_brought_its_time(guard):
     assert g.raise_mark("rule-a", 100.0, "shopify\nd-3") == 200.0
     assert g.marked_by("rule-a", "shopify\nd-2")
     assert not g.marked_by("rule-b", "shopify\nd-2")
+
+
+def test_hold_takes_the_lock_and_reads_marks_and_other_keys_in_one_step(
+    guard, redis_client
+):
+    first, second = guard(), guard()
+    first.raise_mark("rule-a", 300.0)
+    redis_client.set("relay:test:schema", b"cached")
+
+    assert first.hold(["rule-a", "rule-b"], read=("relay:test:schema",)) == [b"cached"]
+    assert first.mark("rule-a") == 300.0
+    assert first.mark("rule-b") is None
+    # Busy: nothing is read, and the holder keeps the lock.
+    assert second.hold(["rule-a"], read=("relay:test:schema",)) is None
+    assert not second.acquire()
+
+
+def test_finish_raises_applied_marks_and_releases_only_when_asked(guard, redis_client):
+    first, second, third = guard(), guard(), guard()
+    assert first.hold(["rule-a", "rule-b"]) == []
+    first.applied("rule-a", 500.0)
+    first.applied("rule-b", 50.0)
+    assert first.pending() == ["rule-a", "rule-b"]
+    first.finish(release=False)  # a write in doubt: the lock stays
+
+    assert second.hold(["rule-a", "rule-b"]) is None
+    assert second.mark("rule-a") == 500.0
+    assert second.mark("rule-b") == 50.0
+    assert first.pending() == []
+
+    redis_client.delete(first.lock_key)
+    assert second.hold(["rule-b"]) == []
+    second.applied("rule-b", 20.0)  # older: the mark does not go back
+    second.finish(release=True)
+    assert third.mark("rule-b") == 50.0
+    assert 0 < redis_client.ttl(third._mark_key("rule-b")) <= 60
+    assert third.acquire()
+
+
+def test_finish_names_the_delivery_that_hold_reads_back(guard):
+    first, second = guard(), guard()
+    assert first.hold(["rule-a"]) == []
+    first.applied("rule-a", 700.0, "shopify\nd-7")
+    first.finish(release=True)
+
+    # The next holder learns who set the mark without another round trip,
+    # so the same delivery sent again is known as a replay.
+    assert second.hold(["rule-a"]) == []
+    assert second.mark("rule-a") == 700.0
+    assert second.marked_by("rule-a", "shopify\nd-7")
+    assert not second.marked_by("rule-a", "shopify\nd-8")
+    second.finish(release=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
+import redis
+from redis.client import PubSub
 from rq import Queue
 from rq.job import JobStatus
 from rq.scheduler import RQScheduler
@@ -12,6 +14,7 @@ from rq.serializers import JSONSerializer
 
 from worker.recovery import (
     STALE_CLAIM_SECONDS,
+    RelayWorker,
     recover_abandoned,
     recovery_key,
     release_stale_scheduler_lock,
@@ -71,3 +74,56 @@ def test_scheduler_lock_is_released_only_when_not_renewed(queue, ttl_ms, release
 
     assert release_stale_scheduler_lock(queue) is released
     assert (queue.connection.get(key) is None) is released
+
+
+def test_a_stopping_worker_does_not_wait_a_minute_for_its_command_listener(
+    queue, monkeypatch
+):
+    worker = RelayWorker(
+        [queue], connection=queue.connection, serializer=JSONSerializer
+    )
+    worker.subscribe()
+    time.sleep(0.2)  # the listener is waiting for a command (up to 60 s)
+
+    send_unsubscribe = PubSub.unsubscribe
+
+    def unsubscribe_then_pause(self, *args):
+        answer = send_unsubscribe(self, *args)
+        # As on a busy machine: the listener reads the UNSUBSCRIBE reply
+        # before the worker goes on to stop it.
+        time.sleep(0.5)
+        return answer
+
+    monkeypatch.setattr(PubSub, "unsubscribe", unsubscribe_then_pause)
+    started = time.monotonic()
+    worker.unsubscribe()
+    assert time.monotonic() - started < 5
+    assert not worker.pubsub_thread.is_alive()
+
+
+def test_a_heartbeat_is_one_round_trip_and_still_extends_the_worker(
+    redis_server, queue
+):
+    writes = []
+
+    pool = redis.ConnectionPool.from_url(redis_server.url)
+
+    class Counting(pool.connection_class):
+        # One write to the socket per round trip.
+        def send_packed_command(self, command, check_health=True):
+            writes.append(command)
+            return super().send_packed_command(command, check_health)
+
+    pool.connection_class = Counting
+    connection = redis.Redis(connection_pool=pool)
+    worker = RelayWorker([queue], connection=connection, serializer=JSONSerializer)
+    try:
+        connection.ping()
+        writes.clear()
+        worker.heartbeat(90)
+        assert len(writes) == 1
+        assert connection.hget(worker.key, "last_heartbeat")
+        assert 80 < connection.ttl(worker.key) <= 90
+    finally:
+        connection.delete(worker.key)
+        pool.disconnect()
