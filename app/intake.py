@@ -38,7 +38,8 @@ DELIVER_FUNCTION = "worker.jobs.deliver"
 RQ_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 #: KEYS: dedupe key, job hash, queue list, RQ's set of queues.
-#: ARGV: job id, dedupe TTL in seconds, then the job's values (JOB_VALUES).
+#: ARGV: job id, dedupe TTL in seconds, then the job's own values in the
+#: order job_values() gives them.
 #: Returns the job id already stored for a duplicate, nil for a new job.
 #:
 #: The job hash has the fields of RQ 3.0's Job.to_dict() for a delivery job;
@@ -65,17 +66,6 @@ redis.call('RPUSH', KEYS[3], ARGV[1])
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return false
 """
-
-#: What the web process sends per job, in STORE_SCRIPT's ARGV order from 3.
-JOB_VALUES = (
-    "created_at",
-    "data",
-    "origin",
-    "description",
-    "timeout",
-    "result_ttl",
-    "failure_ttl",
-)
 
 #: KEYS: dedupe key, job hash, queue list. ARGV: job id.
 #: Undoes a store that failed half-way; the dedupe key only while it still
@@ -110,7 +100,7 @@ def job_values(
     job_timeout: int,
     now: datetime,
 ) -> list:
-    """The values of the RQ job hash that differ per delivery (JOB_VALUES).
+    """The values of the RQ job hash that differ per delivery.
 
     They are what Job.create and Queue.enqueue_job would store for
     ``delivery`` with the JSON serializer, the same function and options.

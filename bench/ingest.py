@@ -69,6 +69,12 @@ def main() -> None:
     parser.add_argument("--web-concurrency", default="2")
     parser.add_argument("--web-threads", default="8")
     parser.add_argument(
+        "--log-level",
+        default="INFO",
+        help="the relay's LOG_LEVEL (default INFO, its own default: one log "
+        "line per webhook is part of its cost)",
+    )
+    parser.add_argument(
         "--python-load",
         action="store_true",
         help="use the Python load generator even if wrk exists",
@@ -93,6 +99,7 @@ def main() -> None:
             "connections": args.connections,
             "web_concurrency": args.web_concurrency,
             "web_threads": args.web_threads,
+            "log_level": args.log_level,
             "body_bytes": len(BODY),
             "smoke": args.smoke,
         },
@@ -119,8 +126,7 @@ def measure(scratch: Path, args, tool: str) -> dict:
             None,
             WEB_CONCURRENCY=args.web_concurrency,
             WEB_THREADS=args.web_threads,
-            # The relay's default: one log line per webhook is part of its cost.
-            LOG_LEVEL="INFO",
+            LOG_LEVEL=args.log_level,
         )
         relay, relay_url = start_gunicorn("app:create_app()", env, scratch / "r.log")
         started.append(relay)
