@@ -65,6 +65,13 @@ def rss_mb(pid: int) -> float:
     raise ValueError(f"no VmRSS for process {pid}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) a process has used so far, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    # After the command name: utime and stime are the 12th and 13th fields.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def children(pid: int) -> list[int]:
     """The direct children of a process, such as gunicorn's workers."""
     path = Path(f"/proc/{pid}/task/{pid}/children")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -29,7 +30,7 @@ from pathlib import Path
 import redis
 
 from app.signatures import sign
-from bench.common import percentile, record, start_gunicorn
+from bench.common import children, cpu_seconds, percentile, record, start_gunicorn
 from tests.harness import FIXTURES, SHOPIFY_SECRET, relay_env
 from tools.embedded_redis import RedisServer
 
@@ -136,13 +137,21 @@ def measure(scratch: Path, args, tool: str) -> dict:
         started.append(noop)
 
         runs = {"noop": [], "relay": []}
+        endpoints = (("noop", noop_url, noop), ("relay", relay_url, relay))
         for round_number in range(args.rounds):
-            for name, url in (("noop", noop_url), ("relay", relay_url)):
+            for name, url, web in endpoints:
                 run_id = f"bench-{round_number}-{name}"
+                pids = {
+                    "web": [web.process.pid, *children(web.process.pid)],
+                    "redis": [server.process.pid],
+                }
+                used = CpuUse(pids)
                 if tool == "wrk":
-                    runs[name].append(run_wrk(url, args, scratch, run_id))
+                    figures = run_wrk(url, args, scratch, run_id)
                 else:
-                    runs[name].append(run_python(url, args, run_id))
+                    figures = run_python(url, args, run_id)
+                figures["cpu_seconds"] = used.since()
+                runs[name].append(figures)
 
         connection = redis.Redis.from_url(server.url)
         jobs = connection.llen("rq:queue:deliveries")
@@ -177,7 +186,40 @@ def _combine(runs: list[dict]) -> dict:
             for share in (50, 90, 99)
         },
         "errors": sum(run["errors"] for run in runs),
+        # Where the machine's time went, per request: the gunicorn processes,
+        # Redis, and the load tool (wrk, or this process for the Python one).
+        "cpu_us_per_request": {
+            part: round(
+                sum(run["cpu_seconds"][part] for run in runs)
+                / sum(run["requests"] for run in runs)
+                * 1e6
+            )
+            for part in runs[0]["cpu_seconds"]
+        },
     }
+
+
+class CpuUse:
+    """CPU time used from now on by some processes, and by the load tool."""
+
+    def __init__(self, pids: dict[str, list[int]]):
+        self.pids = pids
+        self.start = {part: self._processes(part) for part in pids}
+        self.start_tool = self._tool()
+
+    def since(self) -> dict[str, float]:
+        used = {part: self._processes(part) - self.start[part] for part in self.pids}
+        used["load_tool"] = self._tool() - self.start_tool
+        return {part: round(seconds, 2) for part, seconds in used.items()}
+
+    def _processes(self, part: str) -> float:
+        return sum(cpu_seconds(pid) for pid in self.pids[part])
+
+    @staticmethod
+    def _tool() -> float:
+        # wrk is a child that has ended; the Python load runs in this process.
+        ended = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return ended.ru_utime + ended.ru_stime + time.process_time()
 
 
 def run_wrk(url: str, args, scratch: Path, run_id: str) -> dict:
