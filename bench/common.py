@@ -115,6 +115,7 @@ def start_gunicorn(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.process.poll() is not None:
+            process.stop()
             raise RuntimeError(f"gunicorn exited:\n{process.output()}")
         # http.client, not urllib: no proxy setting can send this elsewhere.
         connection = HTTPConnection("127.0.0.1", port, timeout=1)
