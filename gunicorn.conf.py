@@ -1,24 +1,15 @@
 """Gunicorn settings for the web process, read from the environment.
 
-gevent workers: a webhook's work is a few Redis round trips, and a client
-that sends its request slowly (a byte at a time, or less than it promised)
-holds only a cheap greenlet while it does. With threads (gthread, 8 per
-process) twenty such clients held every thread and everyone else waited;
-gunicorn 27 reads headers and body in the thread with no time limit, and a
-container often has no buffering proxy in front to absorb such clients. The
-body read has a deadline of its own (app/webhooks.py answers 408).
+Threaded workers with a read deadline per request (app/serving.py): a
+webhook's work is a few Redis round trips, so threads keep the acks fast,
+and a client that sends its request slowly (a byte at a time, or less than
+it promised) holds a thread for at most 10 s instead of for ever. WEB_THREADS
+threads per process leave room for everyone else meanwhile.
 """
 
 import os
 import sys
 from pathlib import Path
-
-# Before anything else opens a socket or a lock: the app is loaded here in
-# the master (preload_app), and its Redis pool must use gevent's sockets and
-# queues in the workers.
-from gevent import monkey
-
-monkey.patch_all()
 
 _problems: list[str] = []
 
@@ -33,9 +24,10 @@ def _whole_number(name: str, default: int) -> int:
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{_whole_number('PORT', 8000)}"
 workers = _whole_number("WEB_CONCURRENCY", 2)
-worker_class = "gevent"
-# Connections served at once per process; each needs a file descriptor.
-worker_connections = _whole_number("WEB_CONNECTIONS", 1000)
+worker_class = "app.serving.DeadlineThreadWorker"
+# Requests served at once per process. Sixteen keep the acks fast; the rest
+# are room for slow clients, each held for at most 10 s.
+threads = _whole_number("WEB_THREADS", 32)
 
 if _problems:
     # One message with every problem, the relay's own settings included, as

@@ -23,8 +23,8 @@ HEALTH_CHECK_INTERVAL_SECONDS = 30
 MAX_CONNECTIONS = 16
 
 #: A request that finds every connection in use waits this long for one
-#: instead of failing at once: the web process serves hundreds of
-#: connections per process (gevent), more than it keeps Redis connections.
+#: instead of failing at once: a web process runs 32 threads (WEB_THREADS),
+#: more than it keeps Redis connections.
 POOL_WAIT_SECONDS = 2.0
 
 #: The only policy under which a full Redis refuses new events (the relay then

@@ -16,11 +16,11 @@ from datetime import UTC, datetime
 
 import redis
 from flask import Blueprint, Response, current_app, request
-from gevent import Timeout
 
 from app import intake
 from app.deliveries import BUILDERS, DeliveryError, parse_body
 from app.metrics import RECORDER
+from app.serving import REQUEST_READ_SECONDS
 from app.signatures import verify_shopify, verify_typeform
 from worker.privacy import PRIVACY_TOPICS
 
@@ -28,10 +28,11 @@ bp = Blueprint("webhooks", __name__)
 
 log = logging.getLogger("relay.web")
 
-#: The whole body must arrive within this many seconds. Shopify gives up on
-#: a webhook after 5 s anyway; a sender slower than this is trickling, and
-#: must not keep its connection (and a slot of the server) for ever.
-BODY_READ_SECONDS = 10.0
+#: The whole request must arrive within this many seconds of its first byte
+#: (app/serving.py enforces it on the socket). Shopify gives up on a webhook
+#: after 5 s anyway; a sender slower than this is trickling, and must not
+#: keep its connection (and a thread of the server) for ever.
+BODY_READ_SECONDS = REQUEST_READ_SECONDS
 
 
 class BodyTooSlow(Exception):
@@ -150,13 +151,16 @@ def _read_body(limit: int) -> bytes | None:
     if request.content_length is not None and request.content_length > limit:
         return None
     # A chunked body has no declared length: read one byte past the limit.
-    # The deadline covers the whole read, however slowly the bytes trickle;
-    # it fires under gunicorn's gevent workers, where the read yields.
+    # Under gunicorn the socket's reads share the request's deadline
+    # (app/serving.py); a read that fails because it passed is a late body.
+    client = request.environ.get("gunicorn.socket")
     try:
-        with Timeout(BODY_READ_SECONDS, BodyTooSlow):
-            body = request.stream.read(limit + 1)
-    except BodyTooSlow:
-        _stop_reading()
+        body = request.stream.read(limit + 1)
+    except Exception:
+        if getattr(client, "expired", False):
+            client.answered = True
+            _stop_reading()
+            raise BodyTooSlow from None
         raise
     return None if len(body) > limit else body
 

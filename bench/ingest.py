@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2, help="no-op, relay, ...")
     parser.add_argument("--web-concurrency", default="2")
-    parser.add_argument("--web-threads", default="8")
+    parser.add_argument("--web-threads", default="32", help="as gunicorn.conf.py")
     parser.add_argument(
         "--log-level",
         default="INFO",

@@ -33,7 +33,7 @@ def test_every_problem_is_named_at_once(process):
         RELAY_DEDUPE_TTL="3 days",
         REDIS_TLS_VERIFY="maybe",
         RELAY_ALLOW_EVICTION="sometimes",
-        WEB_CONNECTIONS="0",
+        WEB_THREADS="0",
     )
 
     result = subprocess.run(
@@ -52,5 +52,5 @@ def test_every_problem_is_named_at_once(process):
     assert "REDIS_TLS_VERIFY must be true or false" in message
     assert "RELAY_ALLOW_EVICTION must be true or false" in message
     if process == "web":
-        assert "WEB_CONNECTIONS must be a whole number >= 1, got '0'" in message
+        assert "WEB_THREADS must be a whole number >= 1, got '0'" in message
     assert "Traceback" not in message
