@@ -36,6 +36,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+#: Longest field value Redis keeps in a compact hash (see start()).
+HASH_MAX_COMPACT_VALUE = 1024
+
+
 class RedisServer:
     """One redis-server process with its data in ``directory``."""
 
@@ -75,6 +79,11 @@ class RedisServer:
             "everysec",
             "--maxmemory-policy",
             self.maxmemory_policy,
+            # A queued job's compressed event is longer than the 64 bytes up
+            # to which Redis keeps a hash compact; allowing 1 KB shrinks a
+            # small event's job from about 2.3 KB to 0.9 KB (bench.memory).
+            "--hash-max-ziplist-value",
+            str(HASH_MAX_COMPACT_VALUE),
             "--save",
             "",
             "--daemonize",
