@@ -179,10 +179,12 @@ def test_operator_requeues_a_failed_delivery_in_the_browser(
     # The fault was used up, so the requeued delivery now reaches Copernica.
     wait_for_writes(standin, 2)
     assert wait_for_job(connection, job_id).get_status() == "finished"
+    # The chart's counts reach Redis with each process's next flush (2 s).
     _reload_until(
         browser,
         lambda: (
             _figure(browser, "failed-count") == _figure(browser, "in-progress") == "0"
+            and _chart_totals(browser) == (1, 1)
         ),
     )
     assert browser.find_element(By.ID, "no-failed").is_displayed()
@@ -205,6 +207,16 @@ def _figure(browser, element_id: str) -> str:
     from selenium.webdriver.common.by import By
 
     return browser.find_element(By.CSS_SELECTOR, f"#{element_id} strong").text
+
+
+def _chart_totals(browser) -> tuple[int, int]:
+    """Events received and delivered over the hour, as the chart says."""
+    from selenium.webdriver.common.by import By
+
+    label = browser.find_element(By.ID, "chart").get_attribute("aria-label")
+    numbers = re.findall(r"(\d+) (received|delivered)", label)
+    totals = {kind: int(count) for count, kind in numbers}
+    return totals.get("received", 0), totals.get("delivered", 0)
 
 
 def _reload_until(browser, condition, timeout: float = 15.0) -> None:
