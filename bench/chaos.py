@@ -606,7 +606,9 @@ def print_summary(figures: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--short", action="store_true", help="the CI version")
+    parser.add_argument(
+        "--short", "--smoke", action="store_true", help="the CI version"
+    )
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
     plan = SHORT if args.short else FULL
@@ -616,7 +618,12 @@ def main() -> None:
     print_summary(figures)
     record(
         "chaos",
-        {"plan": "short" if args.short else "full", "seed": args.seed, **vars(plan)},
+        {
+            "plan": "short" if args.short else "full",
+            "seed": args.seed,
+            "smoke": args.short,
+            **vars(plan),
+        },
         figures,
     )
     sys.exit(0 if not figures["problems"] else 1)

@@ -45,6 +45,11 @@ def record(benchmark: str, settings: dict, figures: dict) -> None:
         "figures": figures,
     }
     print(json.dumps(entry, indent=2))
+    if settings.get("smoke") and not os.environ.get("BENCH_RESULTS_DIR", "").strip():
+        # A smoke run checks that the benchmark runs; its figures are not
+        # results, so bench/results keeps only real runs.
+        print("smoke run: not appended to bench/results (set BENCH_RESULTS_DIR)")
+        return
     folder = results_dir()
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / f"{benchmark}.jsonl", "a") as out:

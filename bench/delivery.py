@@ -131,6 +131,13 @@ def main() -> None:
         },
         figures,
     )
+    print(
+        f"{figures['deliveries_per_second']} deliveries/s against "
+        f"{figures['noop_jobs_per_second']} no-op jobs/s: ratio "
+        f"{figures['ratio_to_noop']} (target >= 0.8); forking Worker "
+        f"{figures['forking_worker_deliveries_per_second']}/s: "
+        f"{figures['ratio_to_forking_worker']}x (target >= 10)"
+    )
 
 
 def measure(redis_url: str, env: dict, args) -> dict:

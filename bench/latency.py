@@ -113,6 +113,12 @@ def main() -> None:
         },
         {"target_share_of_n_per_0_1_s": TARGET, "runs": results},
     )
+    for run in results:
+        print(
+            f"{run['workers']} worker(s): {run['deliveries_per_second']} "
+            f"deliveries/s, {run['share_of_ceiling']} of N / 0.1 s (target >= "
+            f"{TARGET}); RSS of all processes {run['rss_mb_all_processes']} MB"
+        )
 
 
 def measure(redis_url: str, env: dict, workers: int, per_worker: int, scratch: Path):

@@ -59,8 +59,10 @@ def compose() -> dict:
 def test_app_json_offers_every_setting_and_the_add_on_sets_redis_url():
     app = json.loads((ROOT / "app.json").read_text())
 
-    # REDIS_URL comes from the Heroku Redis add-on, not from the person.
-    assert set(app["env"]) == settings_variables() - {"REDIS_URL"}
+    # REDIS_URL comes from the Heroku Redis add-on, not from the person;
+    # gunicorn.conf.py reads the web process's own two.
+    web = {"WEB_CONCURRENCY", "WEB_THREADS"}
+    assert set(app["env"]) == settings_variables() - {"REDIS_URL"} | web
     assert all(entry["description"] for entry in app["env"].values())
     assert app["env"]["REDIS_TLS_VERIFY"]["value"] == "false"
     assert [a["plan"].split(":")[0] for a in app["addons"]] == ["heroku-redis"]
