@@ -319,7 +319,11 @@ def guard():
     if not password:
         abort(404)
 
-    credentials = request.authorization
+    try:
+        credentials = request.authorization
+    except ValueError:
+        # A header Werkzeug cannot decode (bytes beyond ASCII): no credentials.
+        credentials = None
     basic = credentials is not None and credentials.type == "basic"
     given = credentials.password if basic else None
     if not password_matches(given, password):
@@ -337,9 +341,16 @@ def guard():
 
     if request.method == "POST":
         reason = cross_site(request.headers, request.host)
-        if reason is None and not form_token_valid(
-            password, request.form.get("token"), time.time()
-        ):
+        try:
+            token = request.form.get("token")
+        except OSError:
+            # The form did not arrive in time (app/serving.py) or the client
+            # went away: nothing to act on.
+            _refused("form not received in time")
+            return Response(
+                "The form did not arrive in time.\n", 408, mimetype="text/plain"
+            )
+        if reason is None and not form_token_valid(password, token, time.time()):
             reason = "form token missing, wrong or expired"
         if reason:
             _refused(reason)

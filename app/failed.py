@@ -37,7 +37,8 @@ class FailedDelivery:
         """One line's worth, personal data masked."""
         return {
             "job": self.job_id,
-            "delivery": self.delivery_id,
+            # The id is the sender's header: it may carry anything.
+            "delivery": mask_text(self.delivery_id),
             "source": self.source,
             "topic": self.topic,
             "failed_at": self.failed_at.isoformat(timespec="seconds")

@@ -1,13 +1,15 @@
 """The web process's gunicorn worker: threads, with a deadline on every request.
 
-gunicorn's threaded worker (gthread) waits for a connection's first byte
-without holding a thread, but then reads the request line, the headers and
-the body in a thread with blocking reads and no time limit. A client that
+gunicorn's threaded worker (gthread) waits up to 5 s for a new connection's
+first byte in a pool thread, then reads the request line, the headers and
+the body in that thread with blocking reads and no time limit. A client that
 sends its request a byte at a time, or less than it declared, holds that
 thread for as long as it likes; a handful of them stop a process, and a
 container usually has no buffering proxy in front to absorb them.
 
-``DeadlineThreadWorker`` gives each request a deadline: from the first byte
+``DeadlineThreadWorker`` lets no thread wait for a first byte (a silent
+connection waits in the main loop's poller instead, closed after the
+keep-alive time), and gives each request a deadline: from the first byte
 read, the whole request (line, headers and body) must arrive within
 ``REQUEST_READ_SECONDS``. Every read waits only for what is left of it; once
 it has passed, the read fails and the connection is dropped (the webhook
@@ -28,6 +30,7 @@ import logging
 import socket
 import time
 
+from gunicorn.workers import gthread
 from gunicorn.workers.gthread import ThreadWorker
 
 log = logging.getLogger("relay.web")
@@ -97,6 +100,13 @@ class DeadlineThreadWorker(ThreadWorker):
     """gunicorn's gthread worker with a read deadline on every request."""
 
     def handle(self, conn):
+        if not conn.initialized and not conn.data_ready and not conn.wait_for_data(0):
+            # gthread would wait up to 5 s for a new connection's first byte
+            # in this pool thread; a few hundred silent connections then hold
+            # every thread in turn. Hand it straight back to the main loop,
+            # which watches it without a thread (for up to the keep-alive
+            # time) and queues it again once it has something to read.
+            return gthread._DEFER
         if not isinstance(conn.sock, DeadlineSocket):
             conn.sock = DeadlineSocket(conn.sock)
         conn.sock.begin_request()

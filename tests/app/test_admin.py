@@ -129,8 +129,10 @@ def test_disabled_without_password(redis_server, queue_name):
         basic(PASSWORD + "x"),
         {"Authorization": "Bearer " + PASSWORD},
         {"Authorization": "Basic !!!not-base64"},
+        # Werkzeug cannot decode this one at all: still 401, not 503.
+        {"Authorization": "Basic \xff"},
     ],
-    ids=["none", "wrong", "shorter", "longer", "bearer", "garbled"],
+    ids=["none", "wrong", "shorter", "longer", "bearer", "garbled", "non-ascii"],
 )
 def test_refused_without_the_password(client, headers):
     for answer in (
@@ -176,6 +178,17 @@ def test_page_headers(client):
 
 
 # What it shows.
+
+
+def test_delivery_ids_are_masked_like_reasons(client, queue):
+    # The id comes from a header the signature does not cover.
+    failed_delivery(queue, "refused", delivery_id="x leak.id@example.com +31611112222")
+
+    html = client.get("/admin", headers=AUTH).get_data(as_text=True)
+
+    assert "l***@example.com" in html
+    assert "leak.id" not in html
+    assert "31611112222" not in html
 
 
 def test_page_shows_queue_retries_failed_and_configuration(client, queue, redis_server):

@@ -308,6 +308,31 @@ def test_slow_clients_do_not_stop_the_relay_answering_others(relay):
     assert max(took for _, took in durations) < 1.0, durations
 
 
+def test_silent_connections_hold_no_thread(relay):
+    # Hundreds of connections that send nothing: gthread would give each a
+    # pool thread for up to 5 s, and a webhook behind them waited 25 s.
+    silent = []
+    try:
+        for _ in range(300):
+            silent.append(socket.create_connection(("127.0.0.1", relay.port), 5))
+        time.sleep(0.5)
+
+        took = []
+        for _ in range(5):
+            body = body_for(f"beside-silent-{uuid.uuid4().hex[:8]}@example.com")
+            headers = dict(signed(body), **{"Content-Length": str(len(body))})
+            started = time.monotonic()
+            status = exchange(relay, head("/webhooks/shopify", headers) + body, 10)
+            took.append(round(time.monotonic() - started, 3))
+            assert status == 202
+    finally:
+        for connection in silent:
+            connection.close()
+
+    print(f"webhooks beside {len(silent)} silent connections took {took} s")
+    assert max(took) < 1.0, took
+
+
 def test_memory_of_the_web_process_stays_bounded(relay):
     def rss_kib() -> int:
         pids = [relay.web.process.pid]
