@@ -47,6 +47,7 @@ from rq.registry import (
 )
 
 from app import failed as failed_store
+from app.metrics import MINUTE_KINDS, minute_key
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -54,10 +55,8 @@ log = logging.getLogger("relay.web")
 
 REALM = "copernica-relay admin"
 
-#: Written by the web and worker processes, one counter per kind and minute
-#: (unix time // 60), each kept two hours; this page only reads them.
-MINUTE_KEY = "relay:metrics:minute:{kind}:{minute}"
-SERIES_KINDS = ("received", "delivered")
+#: The chart's span. The counters are written by app/metrics.py in every web
+#: and worker process, one per kind and minute, kept two hours.
 SERIES_MINUTES = 60
 
 #: How many failed deliveries the page lists (the newest); the buttons for
@@ -160,8 +159,8 @@ def minute_keys(now: float, minutes: int = SERIES_MINUTES) -> list[str]:
     last = int(now // 60)
     first = last - minutes + 1
     return [
-        MINUTE_KEY.format(kind=kind, minute=minute)
-        for kind in SERIES_KINDS
+        minute_key(kind, minute)
+        for kind in MINUTE_KINDS
         for minute in range(first, last + 1)
     ]
 
@@ -173,7 +172,7 @@ def series_from(
     counts = [_count(value) for value in values]
     return {
         kind: counts[index * minutes : (index + 1) * minutes]
-        for index, kind in enumerate(SERIES_KINDS)
+        for index, kind in enumerate(MINUTE_KINDS)
     }
 
 
@@ -238,7 +237,7 @@ def chart(series: Mapping[str, Sequence[int]], now: float) -> Chart:
     first_minute = int(now // 60) - minutes + 1
 
     bars = []
-    for offset, kind in enumerate(SERIES_KINDS):
+    for offset, kind in enumerate(MINUTE_KINDS):
         for index, count in enumerate(series.get(kind, ())):
             if not count:
                 continue
@@ -288,7 +287,7 @@ def chart(series: Mapping[str, Sequence[int]], now: float) -> Chart:
         y_labels=y_labels,
         x_labels=x_labels,
         grid=grid,
-        totals={kind: sum(series.get(kind, ())) for kind in SERIES_KINDS},
+        totals={kind: sum(series.get(kind, ())) for kind in MINUTE_KINDS},
     )
 
 

@@ -180,9 +180,15 @@ def write(pipe, batch: Batch) -> None:
         else:
             pipe.hincrbyfloat(METRICS_KEY, name, amount)
     for (kind, minute), amount in batch.minutes.items():
-        key = f"{MINUTE_PREFIX}{kind}:{minute}"
+        key = minute_key(kind, minute)
         pipe.incrby(key, amount)
         pipe.expire(key, MINUTE_TTL_SECONDS)
+
+
+def minute_key(kind: str, minute: int) -> str:
+    """The counter of ``kind`` events in one minute (unix time // 60); the
+    admin page's chart reads these."""
+    return f"{MINUTE_PREFIX}{kind}:{minute}"
 
 
 class Recorder:

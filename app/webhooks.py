@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import time
 from datetime import UTC, datetime
 
@@ -158,23 +157,13 @@ def _read_body(limit: int) -> bytes | None:
         body = request.stream.read(limit + 1)
     except Exception:
         if getattr(client, "expired", False):
+            # Nothing more is read from it either: every later read on the
+            # socket fails at once, so gunicorn does not drain the rest of
+            # the body at the client's pace.
             client.answered = True
-            _stop_reading()
             raise BodyTooSlow from None
         raise
     return None if len(body) > limit else body
-
-
-def _stop_reading() -> None:
-    # Whatever else the client sends is not read: gunicorn would otherwise
-    # drain the rest of the body, at the client's pace, before closing.
-    client = request.environ.get("gunicorn.socket")
-    if client is None:
-        return
-    try:
-        client.shutdown(socket.SHUT_RD)
-    except OSError:
-        pass
 
 
 def _answer(

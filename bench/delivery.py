@@ -37,12 +37,12 @@ from rq import Queue
 from rq.registry import FinishedJobRegistry
 from rq.serializers import JSONSerializer
 
+from bench.common import record
 from bench.workers import (
     drain,
     jobs_per_second,
     queue_deliveries,
     queue_noops,
-    record,
     redis_commands,
 )
 from tests.harness import COPERNICA_TOKEN, DATABASE_FIELDS, relay_env

@@ -33,8 +33,8 @@ from rq import Queue, Worker
 from rq.registry import FinishedJobRegistry
 from rq.serializers import JSONSerializer
 
-from bench.common import ROOT
-from bench.workers import jobs_per_second, queue_deliveries, record
+from bench.common import ROOT, record
+from bench.workers import jobs_per_second, queue_deliveries
 from tests.harness import COPERNICA_TOKEN, DATABASE_FIELDS, relay_env
 from tests.standin.copernica import CopernicaStandIn, Fault
 from tools.embedded_redis import RedisServer

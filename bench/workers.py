@@ -9,7 +9,6 @@ the relay's settings (the delivery benchmark compares against them):
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -23,7 +22,6 @@ from rq.serializers import JSONSerializer
 from app import intake
 from app.connections import connect
 from app.deliveries import Delivery
-from bench import common
 from bench.common import ROOT
 from tests.harness import FIXTURES
 from worker.recovery import RelayWorker
@@ -45,15 +43,6 @@ class PlainSimpleWorker(SimpleWorker):
 
 #: RQ's own worker classes, run by ``python -m bench.workers``.
 RQ_CLASSES = {"forking": ForkingWorker, "simple": PlainSimpleWorker}
-
-
-def record(benchmark: str, settings: dict, figures: dict) -> None:
-    """bench.common.record, into BENCH_RESULTS_DIR when that is set (smoke runs
-    and tests write there, so bench/results keeps only real runs)."""
-    directory = os.environ.get("BENCH_RESULTS_DIR")
-    if directory:
-        common.RESULTS = Path(directory)
-    common.record(benchmark, settings, figures)
 
 
 def customer_delivery(number: int, customers: int, prefix: str) -> Delivery:

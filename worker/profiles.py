@@ -43,24 +43,6 @@ end
 return 0
 """
 
-#: Raises a mark to ARGV[1] unless it is already beyond; keeps TTL fresh.
-#: KEYS[2] names the delivery (ARGV[3]) that brought the mark's time, so a
-#: replay of it is known; at an equal time the latest delivery is named.
-#: Returns the mark in force afterwards.
-RAISE_MARK = """
-local current = tonumber(redis.call('GET', KEYS[1]))
-local candidate = tonumber(ARGV[1])
-if current == nil or candidate >= current then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-  redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[2])
-  return ARGV[1]
-end
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-return tostring(current)
-"""
-
-
 #: Takes the lock (KEYS[1]) for ARGV[1] for ARGV[2] ms; when taken, returns
 #: the values of KEYS[2..] (marks, and any other key the delivery reads
 #: first), so they cost no round trip of their own. '' stands for none.
@@ -76,9 +58,10 @@ return values
 """
 
 #: Raises each mark (KEYS[2], KEYS[4], ...) to its time (ARGV[3], ARGV[5],
-#: ...) as RAISE_MARK does, naming the delivery (ARGV[4], ...) in the key that
-#: follows it, then deletes the lock KEYS[1] if ARGV[2] is 1 and it still
-#: holds ARGV[1].
+#: ...) unless it is already beyond, naming the delivery (ARGV[4], ...) in the
+#: key that follows it (at an equal time, the latest delivery), keeps their
+#: TTL fresh, then deletes the lock KEYS[1] if ARGV[2] is 1 and it still holds
+#: ARGV[1].
 FINISH = """
 local ttl = ARGV[#ARGV]
 for i = 2, #KEYS, 2 do
@@ -229,19 +212,6 @@ class ProfileGuard:
             return self._marks[rule]
         value = self.connection.get(self._mark_key(rule))
         return float(value) if value is not None else None
-
-    def raise_mark(self, rule: str, moment: float, delivery: str = "") -> float:
-        key = self._mark_key(rule)
-        result = self.connection.eval(
-            RAISE_MARK,
-            2,
-            key,
-            self._by_key(rule),
-            repr(moment),
-            self.mark_ttl,
-            delivery_digest(delivery) if delivery else "",
-        )
-        return float(result)
 
     def marked_by(self, rule: str, delivery: str) -> bool:
         """Whether ``delivery`` brought the rule's mark to its present time."""

@@ -22,7 +22,6 @@ from app import create_app
 from app import failed as failed_store
 from app.admin import (
     FORM_TOKEN_LIFETIME_SECONDS,
-    MINUTE_KEY,
     apply,
     chart,
     cross_site,
@@ -34,6 +33,7 @@ from app.admin import (
     series_from,
 )
 from app.intake import DELIVER_FUNCTION
+from app.metrics import minute_key
 from app.settings import ConfigurationError, load_settings
 
 PASSWORD = "correct horse battery staple"
@@ -218,8 +218,8 @@ def test_page_shows_queue_retries_failed_and_configuration(client, queue, redis_
 
 def test_page_shows_the_minute_series(client, redis_client):
     minute = int(time.time() // 60)
-    redis_client.set(MINUTE_KEY.format(kind="received", minute=minute), 7, ex=7200)
-    redis_client.set(MINUTE_KEY.format(kind="delivered", minute=minute - 1), 5, ex=7200)
+    redis_client.set(minute_key("received", minute), 7, ex=7200)
+    redis_client.set(minute_key("delivered", minute - 1), 5, ex=7200)
 
     html = client.get("/admin", headers=AUTH).get_data(as_text=True)
 
@@ -251,11 +251,11 @@ def test_page_without_redis_is_503_not_500(redis_server, queue_name):
 
 def test_minute_series_read_with_one_mget(redis_client):
     last = int(NOW // 60)
-    redis_client.set(MINUTE_KEY.format(kind="received", minute=last), 3)
-    redis_client.set(MINUTE_KEY.format(kind="received", minute=last - 59), 11)
-    redis_client.set(MINUTE_KEY.format(kind="received", minute=last - 60), 99)
-    redis_client.set(MINUTE_KEY.format(kind="delivered", minute=last - 1), 2)
-    redis_client.set(MINUTE_KEY.format(kind="delivered", minute=last + 1), 99)
+    redis_client.set(minute_key("received", last), 3)
+    redis_client.set(minute_key("received", last - 59), 11)
+    redis_client.set(minute_key("received", last - 60), 99)
+    redis_client.set(minute_key("delivered", last - 1), 2)
+    redis_client.set(minute_key("delivered", last + 1), 99)
     mgets_before = _calls(redis_client, "mget")
 
     series = read_series(redis_client, NOW + 59)
